@@ -1,0 +1,394 @@
+"""Fused ROSAQ linear in Triton: fp16 salient channels + INT4/INT3 groups in one fp32 accumulator.
+
+Computes, for ``x [M, K]`` (fp16, bf16 or fp32)::
+
+    x' = x · blockdiag(rot)                          (only when ``rot`` is given)
+    y  = x'[:, salient_idx] · salient_weightᵀ + x' · deq(qweight)ᵀ
+
+with ``deq(qweight)[n, k] = (code[n, k] - qzeros[n, k // g]) · scales[n, k // g]`` and the packed layouts
+of :mod:`rosaq_kernels.packing`. The definition of correct is :func:`rosaq_kernels.reference.rosaq_linear_reference`.
+
+Structure (in the style of Triton's matmul tutorial):
+
+* ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_M, BLOCK_N]`` output tile over a range of
+  K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2 reuse). Each
+  K tile lies inside one quantization group (``BLOCK_K`` divides ``group_size``), so the tile's codes are
+  unpacked to the small integers ``code - zero`` (exact in fp16/bf16, built with the "magic number"
+  bit trick: ``0x6400 | code`` is the fp16 ``1024 + code``), multiplied on the tensor cores
+  (``tl.dot``) with the activation tile, and the group's scale is applied once per output element
+  of the fp32 partial product. INT3 unpacks its bit planes directly (two 2-bit-plane words and one
+  1-bit-plane word per 32 channels): 3 words per 32 channels are read, not 4. The salient channels are
+  extra K tiles of 16 channels: the kernel gathers ``x[:, salient_idx]`` itself and multiplies it with
+  the fp16 salient weights into the same accumulator; salient tiles are dealt round-robin over the
+  split-K programs.
+* With ``SPLIT_K > 1`` the programs write fp32 partial sums and ``_splitk_reduce_kernel`` adds them and
+  casts to the output dtype (deterministic; no atomics, no memset).
+* The online block rotation is a separate small Triton kernel, ``_block_rotate_kernel``
+  (``x' = x · blockdiag(rot)`` on the tensor cores, written once in ``x.dtype``), run before the main
+  kernel. It is not fused: the main kernel splits N over many programs, and each would have to redo
+  the rotation of its x tile and re-read ``rot`` (``K·B`` elements, as large as a quarter of the INT4
+  weight for B = 256), which costs more than one pass over x (``M·K`` elements) at every M.
+
+Weight layout: the kernel reads every tensor through its strides, so it runs on the checkpoint layout
+as is. :func:`prepare_weights` returns the same logical tensors stored column-major (``qweight`` as
+``[K·bits/32, N]`` in memory, likewise scales, zeros and the salient weights), so that a tile's loads
+are contiguous along N (coalesced), and ``rot`` in fp16. The plugin calls it once in
+``process_weights_after_loading``; ``torch.ops.rosaq.linear`` accepts either layout.
+
+CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the only
+allocations are ``torch.empty`` (torch's caching allocator), and nothing reads device memory on the
+host. Every (M bucket, dtype, bits) variant compiles on its first eager call; vLLM's warm-up before
+capture makes those calls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation kinds (a constexpr of the kernels).
+_ACT_FP16, _ACT_BF16, _ACT_FP32 = 0, 1, 2
+_ACT_KIND = {torch.float16: _ACT_FP16, torch.bfloat16: _ACT_BF16, torch.float32: _ACT_FP32}
+
+#: Salient channels are processed in tiles of this many (``S`` must be a multiple of it).
+SALIENT_BLOCK = 16
+
+
+@triton.jit
+def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of channels ``k0 .. k0+BLOCK_K`` for the columns ``offs_n``: int32 ``[BLOCK_K, BLOCK_N]``."""
+    if BITS == 4:
+        # 8 codes per word; channel k0 + 8r + j sits in bits 4j..4j+3 of word row k0/8 + r.
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        w = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0)
+        shifts = tl.arange(0, 8) * 4
+        codes = (w[:, None, :] >> shifts[None, :, None]) & 0xF
+        codes = tl.reshape(codes, (BLOCK_K, w.shape[1]))
+    else:
+        # Chunks of 32 channels in 3 words: [low 2 bits of 0..15], [low 2 bits of 16..31], [bit 2 of 0..31].
+        chunk0 = (k0 // 32) * 3
+        q = tl.arange(0, BLOCK_K // 16)
+        lo_rows = chunk0 + 3 * (q // 2) + (q % 2)
+        hi_rows = chunk0 + 3 * tl.arange(0, BLOCK_K // 32) + 2
+        lo = tl.load(qw_ptr + lo_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0)
+        hi = tl.load(qw_ptr + hi_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0)
+        lo_c = (lo[:, None, :] >> (2 * tl.arange(0, 16))[None, :, None]) & 0x3
+        hi_c = (hi[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 0x1
+        codes = tl.reshape(lo_c, (BLOCK_K, lo.shape[1])) | (tl.reshape(hi_c, (BLOCK_K, hi.shape[1])) << 2)
+    return codes
+
+
+@triton.jit(do_not_specialize=["M"])
+def _rosaq_linear_kernel(
+    x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
+    M, N, S, k_tiles, tiles_per_split,
+    stride_xm, stride_xk,
+    stride_qk, stride_qn,
+    stride_sg, stride_sn,
+    stride_zg, stride_zn,
+    stride_wk, stride_wn,
+    stride_os, stride_om, stride_on,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped ordering of the output tiles (Triton tutorial): neighbours share weight columns in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # ---- quantized part: K tiles [kt_start, kt_end) of this split ----
+    kt_start = pid_k * tiles_per_split
+    kt_end = min(kt_start + tiles_per_split, k_tiles)
+    for kt in range(kt_start, kt_end):
+        k0 = kt * BLOCK_K
+        a = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
+        codes = _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, BITS, BLOCK_K)
+        g = k0 // GROUP_SIZE
+        scale = tl.load(sc_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(zp_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0).to(tl.int32)
+        if ACT == 0:
+            # fp16 bits 0x6400 | c  ==  1024 + c  (exact for c < 1024); minus (1024 + z) gives c - z exactly.
+            w = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            w = w - (zero + 1024).to(tl.float16)[None, :]
+            part = tl.dot(a, w)
+        elif ACT == 1:
+            # bf16 bits 0x4300 | c  ==  128 + c  (exact for c < 128).
+            w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            w = w - (zero + 128).to(tl.bfloat16)[None, :]
+            part = tl.dot(a, w)
+        else:
+            w = (codes - zero[None, :]).to(tl.float32)
+            part = tl.dot(a, w, input_precision="ieee")
+        acc += part * scale[None, :]
+
+    # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
+    offs_s = tl.arange(0, BLOCK_S)
+    for s0 in range(pid_k * BLOCK_S, S, SPLIT_K * BLOCK_S):
+        sidx = tl.load(sidx_ptr + s0 + offs_s)
+        a = tl.load(x_rows + sidx[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None], other=0.0)
+        ws = tl.load(sw_ptr + (s0 + offs_s)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=mask_n[None, :], other=0.0)
+        if ACT == 0:
+            acc += tl.dot(a, ws.to(tl.float16))
+        elif ACT == 1:
+            # fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10 bits).
+            acc += tl.dot(a.to(tl.float32), ws.to(tl.float32))
+        else:
+            acc += tl.dot(a, ws.to(tl.float32), input_precision="ieee")
+
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _splitk_reduce_kernel(
+    part_ptr, out_ptr, M, N,
+    stride_ps, stride_pm, stride_pn, stride_om, stride_on,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _block_rotate_kernel(
+    x_ptr, rot_ptr, out_ptr, M,
+    stride_xm, stride_xk, stride_rb, stride_ri, stride_rj, stride_om, stride_ok,
+    B: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """``out[:, b*B + j] = sum_i x[:, b*B + i] · rot[b, i, j]`` for one (M tile, block b, J tile)."""
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    for i0 in range(0, B, BLOCK_I):
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (blk * B + i0 + offs_i)[None, :] * stride_xk,
+                    mask=mask_m[:, None], other=0.0)
+        r = tl.load(rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj)
+        if ACT == 0:
+            acc += tl.dot(a, r.to(tl.float16))
+        elif ACT == 1:
+            acc += tl.dot(a.to(tl.float32), r.to(tl.float32))
+        else:
+            acc += tl.dot(a, r.to(tl.float32), input_precision="ieee")
+    tl.store(out_ptr + offs_m[:, None] * stride_om + (blk * B + offs_j)[None, :] * stride_ok,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------
+
+# Fixed launch configurations by M bucket: (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# Chosen once (no autotuning: autotune would time kernels during CUDA-graph capture).
+_CONFIGS = (
+    (16, 16, 128, 128, 4, 4),
+    (32, 32, 128, 128, 4, 4),
+    (64, 64, 128, 64, 4, 4),
+    (128, 64, 128, 64, 4, 4),
+    (256, 128, 128, 64, 8, 3),
+    (1 << 62, 128, 256, 64, 8, 3),
+)
+_GROUP_M = 8
+#: Target number of programs for split-K, in units of the multiprocessor count.
+_WAVES = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # interpreter / CPU: pretend an H100, so CPU tests exercise split-K
+
+
+def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device):
+    for max_m, bm, bn, bk, warps, stages in _CONFIGS:
+        if M <= max_m:
+            break
+    bk = min(bk, group_size)
+    if group_size % bk or bk % 32 or K % bk:
+        raise ValueError(f"group_size={group_size}, K={K}: need K tiles of a multiple of 32 inside a group")
+    k_tiles = K // bk
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = max(1, min(k_tiles, _WAVES * _device_sms(device) // tiles))
+    # Partial sums (fp32, written and read back) must stay small next to the packed weight.
+    weight_bytes = N * K * bits // 8
+    split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
+    tiles_per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
+    return bm, bn, bk, warps, stages, k_tiles, tiles_per_split, split
+
+
+def _rot_block(B: int) -> int:
+    for b in (64, 32, 16):
+        if B % b == 0:
+            return b
+    raise ValueError(f"rotation block {B} must be a multiple of 16")
+
+
+def block_rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """``x [M, nb*B] · blockdiag(rot [nb, B, B])`` in ``x.dtype`` (fp32 accumulation), one Triton launch."""
+    M, K = x.shape
+    nb, B, _ = rot.shape
+    if nb * B != K:
+        raise ValueError(f"rot {tuple(rot.shape)} does not cover K={K}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    bi = _rot_block(B)
+    bm = 16 if M <= 16 else 64
+    grid = (triton.cdiv(M, bm), nb, B // bi)
+    _block_rotate_kernel[grid](
+        x, rot, out, M,
+        x.stride(0), x.stride(1), rot.stride(0), rot.stride(1), rot.stride(2), out.stride(0), out.stride(1),
+        B=B, ACT=_ACT_KIND[x.dtype], BLOCK_M=bm, BLOCK_I=bi, BLOCK_J=bi, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
+def rosaq_fused_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    salient_idx: torch.Tensor,
+    salient_weight: torch.Tensor,
+    rot: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused ROSAQ linear; same arguments and result as ``rosaq_linear_reference``.
+
+    Takes the checkpoint layout or the layout of :func:`prepare_weights` (any strides). ``out`` is an
+    optional ``[M, N]`` buffer of ``x.dtype`` to write into.
+    """
+    if x.dtype not in _ACT_KIND:
+        raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
+    if bits not in (3, 4):
+        raise ValueError(f"bits must be 3 or 4, got {bits}")
+    M, K = x.shape
+    N = qweight.shape[0]
+    S = salient_idx.numel()
+    if S % SALIENT_BLOCK:
+        raise ValueError(f"number of salient channels must be a multiple of {SALIENT_BLOCK}, got {S}")
+    if qweight.shape[1] * 32 != K * bits:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not hold K={K} INT{bits} codes")
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    if rot is not None:
+        x = block_rotate(x, rot)
+    if S == 0:  # never dereferenced (the salient loop is empty); any valid pointers of the right dtypes
+        salient_idx, salient_weight = qweight, scales
+        sw_strides = (0, 0)
+    else:
+        sw_strides = (salient_weight.stride(1), salient_weight.stride(0))
+    bm, bn, bk, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, group_size, x.device)
+    dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+    _rosaq_linear_kernel[grid](
+        x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
+        M, N, S, k_tiles, tps,
+        x.stride(0), x.stride(1),
+        qweight.stride(1), qweight.stride(0),
+        scales.stride(1), scales.stride(0),
+        qzeros.stride(1), qzeros.stride(0),
+        sw_strides[0], sw_strides[1],
+        dest_strides[0], dest_strides[1], dest_strides[2],
+        BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M, SPLIT_K=split,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if split > 1:
+        rbm, rbn = 16, 256
+        _splitk_reduce_kernel[(triton.cdiv(M, rbm), triton.cdiv(N, rbn))](
+            dest, out, M, N, dest.stride(0), dest.stride(1), dest.stride(2), out.stride(0), out.stride(1),
+            SPLIT_K=split, BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same logical 2-D tensor, stored transposed (stride 1 along dim 0)."""
+    return t.t().contiguous().t()
+
+
+def prepare_weights(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    salient_idx: torch.Tensor,
+    salient_weight: torch.Tensor,
+    rot: torch.Tensor | None,
+    rot_dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor | None]:
+    """Repack a checkpoint's tensors for the kernel (call once, in ``process_weights_after_loading``).
+
+    Returns the same logical tensors (same shapes and values; ``rot`` rounded to ``rot_dtype``), with
+    ``qweight``, ``scales``, ``qzeros`` and ``salient_weight`` stored column-major, so that a tile's
+    loads are contiguous along the output dimension. They can be passed to ``torch.ops.rosaq.linear``
+    or to :func:`fused_linear` as they are.
+    """
+    return {
+        "qweight": _column_major(qweight),
+        "scales": _column_major(scales.to(torch.float16)),
+        "qzeros": _column_major(qzeros),
+        "salient_idx": salient_idx.to(torch.int32).contiguous(),
+        "salient_weight": _column_major(salient_weight.to(torch.float16)),
+        "rot": None if rot is None else rot.to(rot_dtype).contiguous(),
+    }
+
+
+def fused_linear(
+    x: torch.Tensor, prepared: dict, bits: int, group_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`rosaq_fused_linear` on the output of :func:`prepare_weights`."""
+    return rosaq_fused_linear(
+        x,
+        prepared["qweight"],
+        prepared["scales"],
+        prepared["qzeros"],
+        prepared["salient_idx"],
+        prepared["salient_weight"],
+        prepared["rot"],
+        bits,
+        group_size,
+        out=out,
+    )

@@ -1,0 +1,41 @@
+"""``torch.ops.rosaq.linear``: the ROSAQ linear as a torch custom op with a fake implementation.
+
+The op body runs eagerly at every call (or once per captured size under CUDA graphs), so any
+shape-based dispatch belongs here, never in the caller: vLLM's compilation freezes Python branches
+of the model code. On CPU the body is the torch reference.
+"""
+
+import torch
+
+from rosaq_kernels.reference import rosaq_linear_reference
+
+
+@torch.library.custom_op("rosaq::linear", mutates_args=())
+def rosaq_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    salient_idx: torch.Tensor,
+    salient_weight: torch.Tensor,
+    rot: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """ROSAQ linear without bias: ``x [M, K]`` to ``[M, N]`` in ``x.dtype`` (see ``reference``)."""
+    return rosaq_linear_reference(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size)
+
+
+@rosaq_linear.register_fake
+def _rosaq_linear_fake(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    salient_idx: torch.Tensor,
+    salient_weight: torch.Tensor,
+    rot: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -1,0 +1,1 @@
+"""rosaq-quantize: Hugging Face causal LM in, ROSAQ checkpoint out (needs transformers; never vLLM)."""

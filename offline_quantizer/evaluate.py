@@ -1,0 +1,77 @@
+"""Perplexity of Hugging Face models and of ROSAQ checkpoints (through the torch reference linear)."""
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rosaq_kernels.reference import rosaq_linear_reference
+from rosaq_vllm.checkpoint import QUANTIZED_LINEARS, load_config, load_tensors, projection_prefix
+
+_LINEAR_SUFFIXES = ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")
+
+
+class RosaqReferenceLinear(nn.Module):
+    """A ROSAQ linear computed by the torch reference (what the vLLM plugin computes on CPU)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, bits: int, group_size: int):
+        super().__init__()
+        for name in _LINEAR_SUFFIXES:
+            self.register_buffer(name, tensors.get(name), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.bits = bits
+        self.group_size = group_size
+        self.out_features, self.in_features = tensors["qweight"].shape[0], tensors["scales"].shape[1] * group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = rosaq_linear_reference(flat, self.qweight, self.scales, self.qzeros, self.salient_idx,
+                                   self.salient_weight, self.rot, self.bits, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def load_reference_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers model whose projections are :class:`RosaqReferenceLinear` modules of the checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = Path(checkpoint)
+    hf_config, cfg = load_config(checkpoint)
+    tensors = load_tensors(checkpoint)
+    config_dict = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    dense = {k: v.to(dtype) for k, v in tensors.items() if not k.endswith(_LINEAR_SUFFIXES)}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    still_missing = [k for k in missing if not (k.endswith(".weight") and k.rsplit(".", 2)[-2] in QUANTIZED_LINEARS)]
+    if still_missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {still_missing}, unexpected {unexpected}")
+    for layer_index, layer in enumerate(model.model.layers):
+        for projection in QUANTIZED_LINEARS:
+            prefix = projection_prefix(layer_index, projection)
+            parts = {s: tensors[f"{prefix}.{s}"] for s in _LINEAR_SUFFIXES if f"{prefix}.{s}" in tensors}
+            parent = layer.mlp if projection in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+            bias = getattr(parent, projection).bias
+            setattr(parent, projection, RosaqReferenceLinear(parts, bias, cfg.bits, cfg.group_size))
+    return model
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, token_ids: torch.Tensor, context: int, batch_size: int = 4) -> float:
+    """Perplexity over non-overlapping windows of ``context`` tokens of ``token_ids [T]`` (tail dropped)."""
+    windows = token_ids[: token_ids.numel() // context * context].view(-1, context)
+    if windows.numel() == 0:
+        raise ValueError(f"need at least {context} tokens, got {token_ids.numel()}")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch"):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           batch[:, 1:].reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)

@@ -1,0 +1,293 @@
+"""The ROSAQ pipeline: fold norms, calibrate, rotate, choose salient channels, quantize, write.
+
+Per decoder layer there are four rotation sites (the inputs of q/k/v, o_proj, gate/up, down_proj).
+``absorbed`` (default) rotates the residual stream by one shared PCA basis absorbed into the embedding,
+every layer and ``lm_head``, absorbs a per-KV-head basis into v_proj / o_proj, and gives down_proj an
+online block-diagonal PCA rotation. ``per-layer`` gives every site its own full PCA basis, applied
+online. ``none`` keeps the original basis (saliency in the original feature space).
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from offline_quantizer.adapters import ATTN_IN, MLP_IN, DecoderAdapter
+from offline_quantizer.calibration import LayerInputs, capture_first_layer_inputs, run_layer, token_batches
+from offline_quantizer.fold import fold_norms
+from offline_quantizer.quantize import quantize_linear
+from offline_quantizer.rotation import (
+    BlockSecondMoment,
+    block_diag,
+    pca_basis,
+    rotate_embedding,
+    rotate_input,
+    rotate_output,
+    rotate_value_output,
+    rotated_energy,
+)
+from offline_quantizer.saliency import select_salient
+from rosaq_vllm.checkpoint import (
+    QUANTIZED_LINEARS,
+    RosaqQuantConfig,
+    atomic_output_dir,
+    projection_prefix,
+    write_config,
+    write_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+#: rotation site -> (projection whose input is recorded, projections that read that input)
+SITES = {
+    "attn_in": ("q_proj", ATTN_IN),
+    "attn_out": ("o_proj", ("o_proj",)),
+    "mlp_in": ("gate_proj", MLP_IN),
+    "mlp_out": ("down_proj", ("down_proj",)),
+}
+ONLINE_ROTATION = {"absorbed": ("down_proj",), "per-layer": QUANTIZED_LINEARS, "none": ()}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What to build. ``salient``: a fraction of each linear's inputs if < 1, else a channel count."""
+
+    bits: int = 4
+    group_size: int = 128
+    salient: float = 0.01
+    rotation: str = "absorbed"
+    block_size: int = 128
+    damping: float = 0.01
+
+    def quant_config(self) -> RosaqQuantConfig:
+        """The checkpoint's ``quantization_config`` (validates the options)."""
+        is_fraction = self.salient < 1
+        return RosaqQuantConfig(
+            bits=self.bits,
+            group_size=self.group_size,
+            num_salient=None if is_fraction else int(self.salient),
+            salient_fraction=float(self.salient) if is_fraction else None,
+            rotation=self.rotation,
+            rotation_block_size=0 if self.rotation == "per-layer" else self.block_size,
+            online_rotation=ONLINE_ROTATION.get(self.rotation, ()),
+        )
+
+
+@dataclass
+class RotatedLinear:
+    """A projection in its final input basis, before quantization.
+
+    Attributes:
+        weight: float64 ``[N, K]`` (input already in the rotated basis).
+        rot: float64 ``[nb, B, B]`` online rotation of the input, or ``None``.
+        energy: float64 ``[K]`` activation energy per input channel in that basis.
+    """
+
+    weight: torch.Tensor
+    rot: torch.Tensor | None
+    energy: torch.Tensor
+
+
+def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: int) -> int:
+    """Block size of the second moment recorded at a site (1: diagonal only, dim: full)."""
+    if rotation == "per-layer":
+        return dim
+    if rotation == "absorbed" and site == "attn_out":
+        return head_dim
+    if rotation == "absorbed" and site == "mlp_out":
+        return block_size
+    return 1
+
+
+@torch.no_grad()
+def _record_moments(
+    adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs, blocks: dict[str, int]
+) -> tuple[dict[str, BlockSecondMoment], LayerInputs]:
+    """Run one layer over the calibration batches, recording the second moments of its site inputs."""
+    moments: dict[str, BlockSecondMoment] = {}
+    handles = []
+    for site, block in blocks.items():
+        linear = adapter.projection(layer, SITES[site][0])
+        moment = BlockSecondMoment(linear.in_features, block, device=linear.weight.device)
+        moments[site] = moment
+        handles.append(linear.register_forward_pre_hook(lambda _m, args, mom=moment: mom.add(args[0])))
+    try:
+        outputs = run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments, outputs
+
+
+@torch.no_grad()
+def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float) -> torch.Tensor:
+    """PCA basis ``[d, d]`` of the residual stream: the normalized inputs of every attention and MLP block
+    (the model's norms must be folded), summed over layers."""
+    total = None
+    for layer in tqdm(adapter.layers, desc="residual PCA", unit="layer"):
+        moments, inputs = _record_moments(adapter, layer, inputs, {"attn_in": layer.self_attn.q_proj.in_features,
+                                                                   "mlp_in": layer.mlp.gate_proj.in_features})
+        layer_sum = moments["attn_in"].mean() + moments["mlp_in"].mean()
+        total = layer_sum if total is None else total + layer_sum
+    return pca_basis(total, damping)[0]
+
+
+@torch.no_grad()
+def apply_residual_basis(adapter: DecoderAdapter, basis: torch.Tensor) -> None:
+    """Carry the residual stream as ``h·Q``: embedding, every block's inputs and outputs, and lm_head."""
+    rotate_embedding(adapter.embedding, basis)
+    for layer in adapter.layers:
+        for name in ATTN_IN + MLP_IN:
+            rotate_input(adapter.projection(layer, name), basis)
+        rotate_output(adapter.projection(layer, "o_proj"), basis)
+        rotate_output(adapter.projection(layer, "down_proj"), basis)
+    rotate_input(adapter.lm_head, basis)
+
+
+def _weight(adapter: DecoderAdapter, layer: nn.Module, name: str) -> torch.Tensor:
+    return adapter.projection(layer, name).weight.detach().to(torch.float64)
+
+
+@torch.no_grad()
+def rotate_layer(
+    adapter: DecoderAdapter, layer: nn.Module, moments: dict[str, BlockSecondMoment], opts: QuantizeOptions
+) -> dict[str, RotatedLinear]:
+    """Apply the layer-local rotations of ``opts.rotation`` and return every projection in its final basis.
+
+    Rotations absorbed into weights are written into ``layer``; online ones are returned as ``rot``.
+    """
+    result: dict[str, RotatedLinear] = {}
+    for site, (_, projections) in SITES.items():
+        moment = moments[site].mean()
+        rot = None
+        if opts.rotation == "per-layer":
+            basis = pca_basis(moment, opts.damping)
+            for name in projections:
+                rotate_input(adapter.projection(layer, name), basis[0])
+            rot, energy = basis, rotated_energy(moment, basis)
+        elif opts.rotation == "absorbed" and site == "attn_out":
+            shape = adapter.shape
+            group = shape.num_heads // shape.num_kv_heads
+            per_kv = moment.view(shape.num_kv_heads, group, shape.head_dim, shape.head_dim).sum(1)
+            head_bases = pca_basis(per_kv, opts.damping)
+            rotate_value_output(adapter.projection(layer, "v_proj"), adapter.projection(layer, "o_proj"),
+                                head_bases, shape.num_heads)
+            energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
+        elif opts.rotation == "absorbed" and site == "mlp_out":
+            basis = pca_basis(moment, opts.damping)
+            rotate_input(adapter.projection(layer, "down_proj"), block_diag(basis))
+            rot, energy = basis, rotated_energy(moment, basis)
+        else:
+            energy = torch.diagonal(moment, dim1=-2, dim2=-1).reshape(-1)
+        for name in projections:
+            result[name] = RotatedLinear(_weight(adapter, layer, name), rot, energy)
+    return result
+
+
+LayerCallback = Callable[[int, dict[str, RotatedLinear]], None]
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, on_layer: LayerCallback) -> None:
+    """Fold, calibrate and rotate ``model`` in place, one decoder layer at a time.
+
+    ``on_layer(index, projections)`` receives each layer's projections in their final basis right after
+    that layer is done (only one layer's calibration activations are alive at any time).
+    """
+    opts.quant_config()  # validate before any work
+    adapter = DecoderAdapter(model)
+    fold_norms(adapter)
+    inputs = capture_first_layer_inputs(adapter, batches)
+    if opts.rotation == "absorbed":
+        basis = residual_basis(adapter, inputs, opts.damping)
+        apply_residual_basis(adapter, basis)
+        inputs.hidden = [(h.to(torch.float64) @ basis.to(h.device)).to(h.dtype) for h in inputs.hidden]
+    for index, layer in enumerate(tqdm(adapter.layers, desc=f"ROSAQ {opts.rotation}", unit="layer")):
+        blocks = {
+            site: _stat_block(opts.rotation, site, adapter.projection(layer, SITES[site][0]).in_features,
+                              adapter.shape.head_dim, opts.block_size)
+            for site in SITES
+        }
+        moments, outputs = _record_moments(adapter, layer, inputs, blocks)
+        on_layer(index, rotate_layer(adapter, layer, moments, opts))
+        inputs = outputs
+
+
+def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors of ``model`` quantized with ROSAQ; unquantized tensors in ``dtype``."""
+    cfg = opts.quant_config()
+    tensors: dict[str, torch.Tensor] = {}
+
+    def store(index: int, projections: dict[str, RotatedLinear]) -> None:
+        for name, rotated in projections.items():
+            prefix = projection_prefix(index, name)
+            num_salient = cfg.num_salient_for(rotated.weight.shape[1])
+            salient_idx = select_salient(rotated.energy, num_salient)
+            for suffix, tensor in quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size).items():
+                tensors[f"{prefix}.{suffix}"] = tensor.cpu()
+            if rotated.rot is not None:
+                tensors[f"{prefix}.rot"] = rotated.rot.to(torch.float32).cpu()
+
+    rotate_model(model, batches, opts, store)
+    for name, tensor in model.state_dict().items():
+        is_projection_weight = name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED_LINEARS
+        if not is_projection_weight and "rotary_emb" not in name:
+            tensors[name] = tensor.detach().to(dtype).cpu().contiguous()
+    return dict(sorted(tensors.items()))
+
+
+def _hf_dtype(config: object) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def quantize_checkpoint(
+    model_path: str | Path,
+    out_dir: str | Path,
+    calibration_text: str,
+    opts: QuantizeOptions,
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> Path:
+    """Quantize a Hugging Face causal LM directory into a ROSAQ checkpoint directory (atomically).
+
+    The model is calibrated in float32 on ``device``; unquantized tensors keep the model's dtype.
+    ``seq_len`` is capped by the model's context length.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    cfg = opts.quant_config()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    dtype = _hf_dtype(model.config)
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
+    batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
+    logger.info("calibrating on %d x %d tokens", num_samples, seq_len)
+    tensors = quantize_model(model, batches, opts, dtype)
+    hf_config = model.config.to_dict()
+    hf_config.pop("quantization_config", None)
+    hf_config["tie_word_embeddings"] = False
+
+    def write(tmp: Path) -> None:
+        write_tensors(tmp, tensors)
+        write_config(tmp, hf_config, cfg)
+        tokenizer.save_pretrained(tmp)
+        try:
+            GenerationConfig.from_pretrained(model_path).save_pretrained(tmp)
+        except OSError:
+            logger.info("%s has no generation_config.json", model_path)
+
+    atomic_output_dir(out_dir, write, overwrite=overwrite)
+    logger.info("wrote %s", out_dir)
+    return out_dir

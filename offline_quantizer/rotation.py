@@ -1,0 +1,103 @@
+"""Second moments, PCA bases and the ways a basis is applied to weights.
+
+Conventions: a linear computes ``y = x · Wᵀ`` with ``W [out, in]``. Rotating its input by an
+orthogonal ``R`` (the layer then receives ``x·R``) means ``W ← W·R``; making its output arrive as
+``y·R`` means ``W ← Rᵀ·W`` and ``b ← b·R``.
+"""
+
+import torch
+from torch import nn
+
+
+class BlockSecondMoment:
+    """Running block-diagonal second moment ``Σ xᵀx`` (float64) of a ``dim``-wide activation.
+
+    ``block == dim`` keeps the full matrix, ``block == 1`` only its diagonal.
+    """
+
+    def __init__(self, dim: int, block: int, device: torch.device | str = "cpu") -> None:
+        if dim % block:
+            raise ValueError(f"block {block} does not divide dim {dim}")
+        self.block = block
+        self.sum = torch.zeros(dim // block, block, block, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate activations ``x [..., dim]``."""
+        xb = x.reshape(-1, self.sum.shape[0], self.block).to(self.sum.device, torch.float64)
+        self.sum += torch.einsum("tni,tnj->nij", xb, xb)
+        self.count += xb.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """``[nb, B, B]`` mean second moment."""
+        if self.count == 0:
+            raise RuntimeError("no calibration activations were recorded")
+        return self.sum / self.count
+
+    def diagonal(self) -> torch.Tensor:
+        """``[dim]`` per-channel energy ``E[x_i²]``."""
+        return torch.diagonal(self.mean(), dim1=-2, dim2=-1).reshape(-1)
+
+
+def pca_basis(moment: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """Eigenvectors of damped (batched) second moments, columns in descending eigenvalue order.
+
+    Args:
+        moment: float64 ``[..., d, d]`` symmetric positive semi-definite.
+        damping: added to the diagonal as a fraction of its mean (SliceGPT's recipe).
+    Returns:
+        float64 ``[..., d, d]`` orthogonal ``R`` with ``Rᵀ·moment·R`` diagonal and decreasing.
+    """
+    d = moment.shape[-1]
+    eye = torch.eye(d, dtype=moment.dtype, device=moment.device)
+    diag_mean = torch.diagonal(moment, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    _, vecs = torch.linalg.eigh(moment + damping * diag_mean * eye)
+    return vecs.flip(-1)
+
+
+def rotated_energy(moment: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Per-channel energy ``diag(Rᵀ H R)`` of block moments ``[nb,B,B]`` in block bases ``[nb,B,B]``, flat."""
+    return torch.einsum("nij,nik,nkj->nj", basis, moment, basis).reshape(-1)
+
+
+def block_diag(blocks: torch.Tensor) -> torch.Tensor:
+    """``[nb, B, B]`` to the dense ``[nb·B, nb·B]`` block-diagonal matrix."""
+    return torch.block_diag(*blocks)
+
+
+@torch.no_grad()
+def rotate_input(linear: nn.Linear, basis: torch.Tensor) -> None:
+    """``W ← W·R`` for a dense ``R [in, in]``."""
+    w = linear.weight.to(torch.float64) @ basis.to(linear.weight.device)
+    linear.weight.copy_(w.to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def rotate_output(linear: nn.Linear, basis: torch.Tensor) -> None:
+    """``W ← Rᵀ·W``, ``b ← b·R`` for a dense ``R [out, out]``."""
+    basis = basis.to(linear.weight.device)
+    linear.weight.copy_((basis.t() @ linear.weight.to(torch.float64)).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_((linear.bias.to(torch.float64) @ basis).to(linear.bias.dtype))
+
+
+@torch.no_grad()
+def rotate_embedding(embedding: nn.Embedding, basis: torch.Tensor) -> None:
+    """``E ← E·R``: the residual stream starts in the rotated basis."""
+    w = embedding.weight.to(torch.float64) @ basis.to(embedding.weight.device)
+    embedding.weight.copy_(w.to(embedding.weight.dtype))
+
+
+@torch.no_grad()
+def rotate_value_output(
+    v_proj: nn.Linear, o_proj: nn.Linear, head_bases: torch.Tensor, num_heads: int
+) -> None:
+    """Absorb a per-KV-head basis ``R_g [kv, hd, hd]`` into v_proj's output and o_proj's input.
+
+    ``v_g ← v_g·R_g`` (rows of v_proj), and every query head ``h`` of group ``g`` reads ``o_h·R_g``
+    (columns of o_proj): attention mixes tokens, not channels, so the product is unchanged.
+    """
+    num_kv, head_dim, _ = head_bases.shape
+    rotate_output(v_proj, block_diag(head_bases))
+    per_query_head = head_bases.repeat_interleave(num_heads // num_kv, dim=0)
+    rotate_input(o_proj, block_diag(per_query_head))

@@ -1,0 +1,465 @@
+"""The ROSAQ checkpoint format: the one module that defines, writes, reads and validates it.
+
+``docs/checkpoint-format.md`` is the prose version of this module. A checkpoint is a Hugging Face
+model directory whose ``config.json`` carries ``quantization_config`` (see :class:`RosaqQuantConfig`)
+and whose safetensors shards hold, for every quantized projection ``<p>`` of every decoder layer,
+the tensors of :func:`linear_tensor_specs`; everything else (embeddings, norms, biases, ``lm_head``)
+is stored as in any Hugging Face checkpoint.
+
+This module imports torch and safetensors only (never vLLM or transformers), so the quantizer,
+the vLLM plugin and the tests share it.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rosaq_kernels.packing import packed_width
+
+QUANT_METHOD = "rosaq"
+FORMAT_VERSION = 1
+ROTATION_MODES = ("absorbed", "per-layer", "none")
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Projections that read the same input: they must share rotation and salient channels.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SALIENT_MULTIPLE = 16
+MAX_SHARD_BYTES = 2 * 1024**3
+
+#: safetensors dtype names of the tensors this format defines.
+_ST_DTYPES = {
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
+_FLOAT_ST_DTYPES = ("F16", "BF16", "F32")
+_ST_ITEMSIZE = {"I32": 4, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "F64": 8, "I8": 1, "I16": 2,
+                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class CheckpointError(ValueError):
+    """A ROSAQ config or checkpoint is invalid; the message names the key or tensor and the fix."""
+
+
+def _fail(what: str, problem: str, fix: str) -> CheckpointError:
+    return CheckpointError(f"{what}: {problem}. {fix}")
+
+
+@dataclass(frozen=True)
+class RosaqQuantConfig:
+    """``quantization_config`` of a ROSAQ checkpoint (serialised by :meth:`to_dict`).
+
+    Attributes:
+        bits: 3 or 4, width of the quantized codes.
+        group_size: input channels per scale / zero point (asymmetric quantization).
+        num_salient: salient (full-precision) input channels per linear, or ``None`` to use
+            ``salient_fraction``; rounded to a multiple of 16 by :meth:`num_salient_for`.
+        salient_fraction: fraction of each linear's input channels kept salient.
+        rotation: ``absorbed``, ``per-layer`` or ``none`` (how the quantizer rotated the model).
+        rotation_block_size: block size of the online block-diagonal rotations; 0 means one
+            block spanning the whole input.
+        online_rotation: projections that carry an online rotation tensor ``rot``.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    num_salient: int | None = None
+    salient_fraction: float | None = 0.01
+    rotation: str = "absorbed"
+    rotation_block_size: int = 128
+    online_rotation: tuple[str, ...] = ("down_proj",)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self._check_int("bits", self.bits, allowed=(3, 4))
+        self._check_int("group_size", self.group_size, minimum=32)
+        if self.group_size % 32:
+            raise _fail("quantization_config.group_size", f"{self.group_size} is not a multiple of 32",
+                        "Use 32, 64, 128 or 256 (the packed INT3/INT4 chunks span 32 channels).")
+        self._check_int("format_version", self.format_version)
+        if self.format_version != FORMAT_VERSION:
+            raise _fail("quantization_config.format_version",
+                        f"version {self.format_version} is not supported (this rosaq-vllm reads {FORMAT_VERSION})",
+                        "Upgrade rosaq-vllm or re-quantize the model with this version of rosaq-quantize.")
+        if (self.num_salient is None) == (self.salient_fraction is None):
+            raise _fail("quantization_config.num_salient / salient_fraction",
+                        "exactly one of the two must be set", "Set one and make the other null.")
+        if self.num_salient is not None:
+            self._check_int("num_salient", self.num_salient, minimum=0)
+        if self.salient_fraction is not None:
+            frac = self.salient_fraction
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+                raise _fail("quantization_config.salient_fraction", f"{frac!r} is not a number in [0, 1)",
+                            "Use e.g. 0.01 for 1% of the input channels.")
+        if self.rotation not in ROTATION_MODES:
+            raise _fail("quantization_config.rotation", f"unknown mode {self.rotation!r}",
+                        f"Use one of {ROTATION_MODES}.")
+        self._check_int("rotation_block_size", self.rotation_block_size, minimum=0)
+        if not isinstance(self.online_rotation, tuple) or any(
+                p not in QUANTIZED_LINEARS for p in self.online_rotation):
+            raise _fail("quantization_config.online_rotation", f"{self.online_rotation!r} is not a list of "
+                        f"projection names", f"Use names from {QUANTIZED_LINEARS}.")
+        for group in SHARED_INPUT_GROUPS:
+            if len({p in self.online_rotation for p in group}) > 1:
+                raise _fail("quantization_config.online_rotation", f"{group} read the same input but only some "
+                            "of them are listed", "List all or none of them.")
+        if self.rotation == "none" and self.online_rotation:
+            raise _fail("quantization_config.online_rotation", "rotation is 'none' but online rotations are "
+                        "listed", "Use an empty list with rotation 'none'.")
+
+    @staticmethod
+    def _check_int(key: str, value: Any, minimum: int | None = None, allowed: tuple[int, ...] = ()) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(f"quantization_config.{key}", f"{value!r} is not an integer", "Write an integer.")
+        if allowed and value not in allowed:
+            raise _fail(f"quantization_config.{key}", f"{value} is not supported", f"Use one of {allowed}.")
+        if minimum is not None and value < minimum:
+            raise _fail(f"quantization_config.{key}", f"{value} is below {minimum}", f"Use a value >= {minimum}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` dict written into ``config.json``."""
+        d = dataclasses.asdict(self)
+        d["online_rotation"] = list(self.online_rotation)
+        return {"quant_method": QUANT_METHOD, **d}
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "RosaqQuantConfig":
+        """Parse and validate a ``quantization_config`` dict; unknown keys are errors."""
+        if not isinstance(config, Mapping):
+            raise _fail("quantization_config", f"expected a JSON object, got {type(config).__name__}",
+                        "Re-quantize the model with rosaq-quantize.")
+        method = str(config.get("quant_method", QUANT_METHOD)).lower()
+        if method != QUANT_METHOD:
+            raise _fail("quantization_config.quant_method", f"{method!r} is not {QUANT_METHOD!r}",
+                        "This checkpoint is not a ROSAQ checkpoint.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k != "quant_method"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise _fail(f"quantization_config.{unknown[0]}", "unknown key", f"Known keys: {sorted(known)}.")
+        if "format_version" not in kwargs:
+            raise _fail("quantization_config.format_version", "missing", "Re-quantize with rosaq-quantize.")
+        if "online_rotation" in kwargs:
+            rot = kwargs["online_rotation"]
+            if not isinstance(rot, (list, tuple)):
+                raise _fail("quantization_config.online_rotation", f"{rot!r} is not a list",
+                            f"Use a list of names from {QUANTIZED_LINEARS}.")
+            kwargs["online_rotation"] = tuple(rot)
+        return cls(**kwargs)
+
+    def num_salient_for(self, in_features: int) -> int:
+        """Salient channels of a linear with ``in_features`` inputs: a multiple of 16, below ``in_features``."""
+        if self.num_salient is not None:
+            count = self.num_salient
+        else:
+            count = self.salient_fraction * in_features
+        count = SALIENT_MULTIPLE * int(math.floor(count / SALIENT_MULTIPLE + 0.5))
+        if count >= in_features:
+            raise _fail("quantization_config.num_salient", f"{count} salient channels leave nothing to quantize "
+                        f"in a linear with {in_features} inputs", "Choose fewer salient channels.")
+        return count
+
+    def rotation_block_for(self, projection: str, in_features: int) -> int | None:
+        """Block size of ``projection``'s online rotation, or ``None`` if it has none."""
+        if projection not in self.online_rotation:
+            return None
+        block = self.rotation_block_size or in_features
+        if in_features % block:
+            raise _fail("quantization_config.rotation_block_size", f"{block} does not divide the {in_features} "
+                        f"inputs of {projection}", "Re-quantize with a block size that divides it.")
+        return block
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Expected shape and dtype of one checkpoint tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def linear_tensor_specs(
+    cfg: RosaqQuantConfig, projection: str, out_features: int, in_features: int
+) -> dict[str, TensorSpec]:
+    """Tensors of one quantized projection, keyed by suffix (``<prefix>.<suffix>`` in the checkpoint).
+
+    * ``qweight`` int32 ``[N, packed_width(K, bits)]``: codes, packed along the input (``rosaq_kernels.packing``).
+    * ``scales`` float16 ``[N, K // group_size]``, ``qzeros`` uint8 ``[N, K // group_size]``.
+    * ``salient_idx`` int32 ``[S]``: ascending input channels kept in full precision (their codes equal
+      the zero point, so the quantized part contributes 0 there).
+    * ``salient_weight`` float16 ``[N, S]``.
+    * ``rot`` float32 ``[K // B, B, B]``: online block rotation applied to the input (only some projections).
+    """
+    if in_features % cfg.group_size:
+        raise _fail(f"{projection}", f"{in_features} input channels are not divisible by group_size "
+                    f"{cfg.group_size}", "Quantize with a group size that divides every linear's input.")
+    groups = in_features // cfg.group_size
+    num_salient = cfg.num_salient_for(in_features)
+    specs = {
+        "qweight": TensorSpec((out_features, packed_width(in_features, cfg.bits)), torch.int32),
+        "scales": TensorSpec((out_features, groups), torch.float16),
+        "qzeros": TensorSpec((out_features, groups), torch.uint8),
+        "salient_idx": TensorSpec((num_salient,), torch.int32),
+        "salient_weight": TensorSpec((out_features, num_salient), torch.float16),
+    }
+    block = cfg.rotation_block_for(projection, in_features)
+    if block is not None:
+        specs["rot"] = TensorSpec((in_features // block, block, block), torch.float32)
+    return specs
+
+
+def _config_int(hf_config: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = hf_config.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(f"config.json {key}", f"{value!r} is not a positive integer", "Fix the model's config.json.")
+    return value
+
+
+def linear_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of every quantized projection of a Llama / Qwen2 / Mistral layer."""
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise _fail("config.json model_type", f"{model_type!r} is not supported",
+                    f"ROSAQ supports {SUPPORTED_MODEL_TYPES}.")
+    hidden = _config_int(hf_config, "hidden_size")
+    heads = _config_int(hf_config, "num_attention_heads")
+    kv_heads = _config_int(hf_config, "num_key_value_heads", heads)
+    head_dim = _config_int(hf_config, "head_dim", hidden // heads)
+    inter = _config_int(hf_config, "intermediate_size")
+    return {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
+
+
+def projection_prefix(layer: int, projection: str) -> str:
+    """Hugging Face module name of a projection, e.g. ``model.layers.3.self_attn.q_proj``."""
+    block = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{block}.{projection}"
+
+
+def _bias_projections(hf_config: Mapping[str, Any]) -> tuple[str, ...]:
+    if hf_config.get("model_type") == "qwen2":
+        return ("q_proj", "k_proj", "v_proj")
+    names: tuple[str, ...] = ()
+    if hf_config.get("attention_bias"):
+        names += ("q_proj", "k_proj", "v_proj", "o_proj")
+    if hf_config.get("mlp_bias"):
+        names += ("gate_proj", "up_proj", "down_proj")
+    return names
+
+
+def expected_tensors(hf_config: Mapping[str, Any], cfg: RosaqQuantConfig) -> dict[str, TensorSpec]:
+    """Every tensor a checkpoint for ``hf_config`` must hold.
+
+    Unquantized tensors (embeddings, norms, biases, ``lm_head``) may be stored in any float dtype;
+    their spec carries float32 as a placeholder and only their shape is binding.
+    """
+    hidden = _config_int(hf_config, "hidden_size")
+    vocab = _config_int(hf_config, "vocab_size")
+    layers = _config_int(hf_config, "num_hidden_layers")
+    shapes = linear_shapes(hf_config)
+    float_dtype = torch.float32
+    specs: dict[str, TensorSpec] = {"model.embed_tokens.weight": TensorSpec((vocab, hidden), float_dtype),
+                                           "model.norm.weight": TensorSpec((hidden,), float_dtype)}
+    if not hf_config.get("tie_word_embeddings", False):
+        specs["lm_head.weight"] = TensorSpec((vocab, hidden), float_dtype)
+    biased = _bias_projections(hf_config)
+    for layer in range(layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            specs[f"model.layers.{layer}.{norm}.weight"] = TensorSpec((hidden,), float_dtype)
+        for projection, (out_features, in_features) in shapes.items():
+            prefix = projection_prefix(layer, projection)
+            for suffix, spec in linear_tensor_specs(cfg, projection, out_features, in_features).items():
+                specs[f"{prefix}.{suffix}"] = spec
+            if projection in biased:
+                specs[f"{prefix}.bias"] = TensorSpec((out_features,), float_dtype)
+    return specs
+
+
+def _is_float_slot(name: str) -> bool:
+    return not name.endswith((".qweight", ".scales", ".qzeros", ".salient_idx", ".salient_weight", ".rot"))
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor entries (``dtype``, ``shape``, ``data_offsets``) of a safetensors file, without loading data.
+
+    Raises :class:`CheckpointError` if the file is not safetensors or is truncated.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(str(path), "file is too short to be safetensors", "Re-copy or re-quantize the checkpoint.")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 * 1024**2):
+            raise _fail(str(path), "corrupt safetensors header", "Re-copy or re-quantize the checkpoint.")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise _fail(str(path), f"corrupt safetensors header ({exc})", "Re-copy or re-quantize.") from exc
+    if not isinstance(header, dict):
+        raise _fail(str(path), "corrupt safetensors header", "Re-copy or re-quantize the checkpoint.")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            numel = math.prod(entry["shape"])
+            itemsize = _ST_ITEMSIZE[entry["dtype"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _fail(f"{name} in {path.name}", "corrupt header entry", "Re-copy or re-quantize.") from exc
+        if end > data_size or end - begin != numel * itemsize:
+            raise _fail(f"{name} in {path.name}", f"data ends at byte {end} but the file holds {data_size} bytes "
+                        "of data (truncated or corrupt file)", "Re-copy the checkpoint or re-quantize the model.")
+    return header
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors shards of a model directory (pickle checkpoints are not read)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise _fail(str(model_dir), "no *.safetensors files", "A ROSAQ checkpoint is written by rosaq-quantize.")
+    return files
+
+
+def load_config(model_dir: Path) -> tuple[dict[str, Any], RosaqQuantConfig]:
+    """Read ``config.json`` and parse its ``quantization_config``."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise _fail(str(model_dir), "no config.json", "Point to a directory written by rosaq-quantize.")
+    try:
+        hf_config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise _fail(str(path), f"not valid JSON ({exc})", "Re-quantize the model.") from exc
+    if "quantization_config" not in hf_config:
+        raise _fail(str(path), "no quantization_config", "This is not a ROSAQ checkpoint; run rosaq-quantize.")
+    return hf_config, RosaqQuantConfig.from_dict(hf_config["quantization_config"])
+
+
+def validate_checkpoint(model_dir: str | Path) -> RosaqQuantConfig:
+    """Check a checkpoint directory against its config without loading tensor data.
+
+    Every missing, extra, mis-shaped, wrongly-typed or truncated tensor raises :class:`CheckpointError`
+    naming the tensor and the fix.
+    """
+    model_dir = Path(model_dir)
+    hf_config, cfg = load_config(model_dir)
+    expected = expected_tensors(hf_config, cfg)
+    found: dict[str, tuple[dict[str, Any], str]] = {}
+    for path in safetensors_files(model_dir):
+        for name, entry in read_safetensors_header(path).items():
+            found[name] = (entry, path.name)
+    fix = "The checkpoint does not match its config.json; re-run rosaq-quantize for this model."
+    for name, spec in expected.items():
+        if name not in found:
+            raise _fail(name, "missing from the checkpoint", fix)
+        entry, file = found[name]
+        if tuple(entry["shape"]) != spec.shape:
+            raise _fail(f"{name} in {file}", f"shape {tuple(entry['shape'])}, expected {spec.shape}", fix)
+        if _is_float_slot(name):
+            if entry["dtype"] not in _FLOAT_ST_DTYPES:
+                raise _fail(f"{name} in {file}", f"dtype {entry['dtype']}, expected a float dtype", fix)
+        elif entry["dtype"] != _ST_DTYPES[spec.dtype]:
+            raise _fail(f"{name} in {file}", f"dtype {entry['dtype']}, expected {_ST_DTYPES[spec.dtype]}", fix)
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise _fail(f"{extra[0]} in {found[extra[0]][1]}", "unexpected tensor (not part of this model's ROSAQ "
+                    "format)", fix)
+    return cfg
+
+
+def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a validated checkpoint, on CPU."""
+    model_dir = Path(model_dir)
+    validate_checkpoint(model_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(model_dir):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _shard(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    return shards
+
+
+def write_tensors(out_dir: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write sharded safetensors (+ ``model.safetensors.index.json`` when there are several shards)."""
+    shards = _shard(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def atomic_output_dir(out_dir: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Run ``write(tmp_dir)`` in a temporary sibling directory, validate it, then move it to ``out_dir``.
+
+    Nothing is left at ``out_dir`` unless the whole write and the validation succeeded.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        validate_checkpoint(tmp)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_config(out_dir: Path, hf_config: Mapping[str, Any], cfg: RosaqQuantConfig) -> None:
+    """Write ``config.json`` with ``quantization_config`` (untied embeddings: ROSAQ stores its own lm_head)."""
+    config = dict(hf_config)
+    config["quantization_config"] = cfg.to_dict()
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def quantized_projection_names(hf_config: Mapping[str, Any]) -> Iterable[str]:
+    """Module names of every quantized projection, in layer order."""
+    for layer in range(_config_int(hf_config, "num_hidden_layers")):
+        for projection in QUANTIZED_LINEARS:
+            yield projection_prefix(layer, projection)
