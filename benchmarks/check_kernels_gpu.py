@@ -1,0 +1,134 @@
+"""GPU correctness of the fused ROSAQ kernel at full Llama-2-7B shapes (run on the device machine).
+
+    python benchmarks/check_kernels_gpu.py [--quick]
+
+For each linear of a Llama-2-7B layer (qkv 4096→12288, o 4096→4096, gate_up 4096→22016, down 11008→4096
+with an online block rotation of 128), INT4 and INT3 with 3% salient channels, fp16 and bf16, and
+M ∈ {1, 16, 64, 256, 1024, 4096}: fresh random codes, zero points, scales, salient channels and
+activations; the output buffer poisoned with NaN; compared with the torch reference in float32
+(TF32 off) by ‖y − ref‖ / ‖ref‖. Also: the checkpoint layout through ``torch.ops.rosaq.linear``, and
+replay under a CUDA graph with new input data. Exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
+import torch
+from rosaq_kernels.fused_linear import fused_linear, prepare_weights
+from rosaq_kernels.packing import pack
+from rosaq_kernels.reference import dequantize, rotate_blocks
+
+SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+ROT_BLOCK = {"down": 128}
+MS = (1, 16, 64, 256, 1024, 4096)
+TOL = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
+GROUP = 128
+
+
+def salient_count(K: int, frac: float) -> int:
+    return max(16, round(K * frac / 16) * 16)
+
+
+def make_layer(K: int, N: int, bits: int, S: int, B: int, gen: torch.Generator, dev="cuda"):
+    codes = torch.randint(0, 2**bits, (N, K), generator=gen, device=dev)
+    scales = (torch.rand(N, K // GROUP, generator=gen, device=dev) * 0.004 + 0.001).half()
+    qzeros = torch.randint(0, 2**bits, (N, K // GROUP), generator=gen, device=dev, dtype=torch.uint8)
+    sidx = torch.randperm(K, generator=gen, device=dev)[:S].to(torch.int32)
+    codes[:, sidx.long()] = qzeros.repeat_interleave(GROUP, dim=1)[:, sidx.long()].long()  # as the quantizer
+    qweight = pack(codes, bits)
+    sw = (torch.randn(N, S, generator=gen, device=dev) * 0.02).half()
+    rot = None
+    if B:
+        rot = torch.linalg.qr(torch.randn(K // B, B, B, generator=gen, device=dev))[0]
+    return qweight, scales, qzeros, sidx, sw, rot
+
+
+def reference(x, W, sidx, sw, rot):
+    xr = rotate_blocks(x, rot) if rot is not None else x.float()
+    return xr @ W.t() + xr[:, sidx.long()] @ sw.float().t()
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="M in {1, 64, 1024} only")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    ms = (1, 64, 1024) if args.quick else MS
+    failures = []
+    print(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    for bits in (4, 3):
+        for name, (K, N) in SHAPES.items():
+            S = salient_count(K, 0.03)
+            B = ROT_BLOCK.get(name, 0)
+            layer = make_layer(K, N, bits, S, B, gen)
+            qweight, scales, qzeros, sidx, sw, _ = layer
+            prepared = prepare_weights(*layer)
+            rot_used = prepared["rot"]  # fp16-rounded rotation: the logical weight now
+            W = dequantize(qweight, scales, qzeros, bits, GROUP)
+            for M in ms:
+                for dt in (torch.float16, torch.bfloat16):
+                    x = torch.randn(M, K, generator=gen, device="cuda").to(dt)
+                    out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
+                    fused_linear(x, prepared, bits, GROUP, out=out)
+                    ref = reference(x, W, sidx, sw, rot_used)
+                    err = rel_err(out, ref)
+                    nan = torch.isnan(out).any().item()
+                    ok = (not nan) and err < TOL[dt]
+                    tag = "ok " if ok else "FAIL"
+                    line = (
+                        f"{tag} W{bits} {name:8s} K={K:5d} N={N:5d} S={S:3d} B={B:3d} M={M:5d} "
+                        f"{str(dt)[6:]:8s} err={err:.2e}"
+                    )
+                    print(line + (" NaN" if nan else ""), flush=True)
+                    if not ok:
+                        failures.append(line)
+            # Checkpoint layout through the custom op (CUDA dispatch in ops.py), with the fp32 rotation.
+            M = 16
+            x = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float16)
+            y = torch.ops.rosaq.linear(x, *layer, bits, GROUP)
+            err = rel_err(y, reference(x, W, sidx, sw, layer[5]))
+            ok = err < TOL[torch.float16] and not torch.isnan(y).any().item()
+            line = (
+                f"{'ok ' if ok else 'FAIL'} W{bits} {name:8s} torch.ops.rosaq.linear, checkpoint layout, "
+                f"M=16 err={err:.2e}"
+            )
+            print(line, flush=True)
+            if not ok:
+                failures.append(line)
+            # CUDA graph: capture, then replay on new data.
+            for M in (1, 64):
+                xs = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float16)
+                out = torch.empty((M, N), dtype=torch.float16, device="cuda")
+                fused_linear(xs, prepared, bits, GROUP, out=out)  # compile / warm up outside capture
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fused_linear(xs, prepared, bits, GROUP, out=out)
+                xs.copy_(torch.randn(M, K, generator=gen, device="cuda"))
+                out.fill_(float("nan"))
+                g.replay()
+                torch.cuda.synchronize()
+                err = rel_err(out, reference(xs, W, sidx, sw, rot_used))
+                ok = err < TOL[torch.float16] and not torch.isnan(out).any().item()
+                line = f"{'ok ' if ok else 'FAIL'} W{bits} {name:8s} CUDA-graph replay M={M} err={err:.2e}"
+                print(line, flush=True)
+                if not ok:
+                    failures.append(line)
+            del W, layer, prepared
+            torch.cuda.empty_cache()
+    print(f"\n{len(failures)} failure(s)")
+    for f in failures:
+        print("  " + f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

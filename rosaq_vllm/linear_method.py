@@ -1,0 +1,153 @@
+"""``RosaqLinearMethod``: parameters, loading checks, tensor-parallel slicing and ``apply`` of a ROSAQ linear.
+
+Tensor parallelism: column-parallel layers (qkv, gate_up) see the whole input, so ``salient_idx`` and
+``rot`` are replicated and everything with an output dimension is sliced along it. Row-parallel layers
+(o_proj, down_proj) see a slice of the input: ``qweight``/``scales``/``qzeros`` and the blocks of ``rot``
+are sliced along the input, and after loading each rank keeps the salient channels that fall into its
+slice (their partial products are summed by the all-reduce like the rest).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    ModelWeightParameter,
+    RowvLLMParameter,
+)
+
+import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
+from rosaq_kernels.packing import packed_width
+from rosaq_vllm.checkpoint import CheckpointError, RosaqQuantConfig
+
+_REPLICATED = ("salient_idx", "rot")
+_FIX = "Re-quantize the model with rosaq-quantize, or check that the checkpoint matches its config.json."
+
+
+@register_weight_loader_v2_supported_method
+class RosaqLinearMethod(LinearMethodBase):
+    """Linear method for one (possibly fused) ROSAQ projection.
+
+    Args:
+        quant_config: the checkpoint's ``quantization_config``.
+        prefix: vLLM module name (e.g. ``model.layers.0.self_attn.qkv_proj``), used in error messages.
+        projections: checkpoint projections fused into this layer (e.g. ``[q_proj, k_proj, v_proj]``).
+    """
+
+    def __init__(self, quant_config: RosaqQuantConfig, prefix: str, projections: list[str]) -> None:
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.projections = projections
+
+    def _error(self, name: str, problem: str, fix: str = _FIX) -> CheckpointError:
+        return CheckpointError(f"{self.prefix}.{name}: {problem}. {fix}")
+
+    def _checked_loader(self, layer: torch.nn.Module, name: str, loader: Callable) -> Callable:
+        """Wrap vLLM's loader: check dtype and shape, and count the loads of ``name``."""
+
+        def load(param: BasevLLMParameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+            where = name if shard_id is None else f"{name} (shard {shard_id})"
+            if loaded.dtype != param.dtype:
+                raise self._error(where, f"dtype {loaded.dtype}, expected {param.dtype}")
+            if name in _REPLICATED and layer.rosaq_loaded[name] and not torch.equal(param.data, loaded):
+                raise self._error(where, f"differs between {self.projections}, which share one input")
+            try:
+                if shard_id is None:
+                    loader(param, loaded)
+                else:
+                    loader(param, loaded, shard_id)
+            except AssertionError as exc:
+                raise self._error(where, f"shape {tuple(loaded.shape)} does not fit the layer's "
+                                  f"{tuple(param.shape)} (tensor-parallel slice)") from exc
+            layer.rosaq_loaded[name] += 1
+
+        return load
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        cfg = self.quant_config
+        in_local, out_local = input_size_per_partition, sum(output_partition_sizes)
+        tp_hint = "This can be caused by too large a tensor_parallel_size; reduce it."
+        if in_local % cfg.group_size or in_local % 32:
+            raise self._error("qweight", f"the {in_local} input channels of this tensor-parallel slice are not "
+                              f"divisible by group_size {cfg.group_size} (and 32)", tp_hint)
+        num_salient = cfg.num_salient_for(input_size)
+        block = cfg.rotation_block_for(self.projections[0], input_size)
+        if block is not None and in_local % block:
+            raise self._error("rot", f"rotation block {block} does not divide the {in_local} input channels of "
+                              "this tensor-parallel slice", tp_hint)
+        loader = extra_weight_attrs["weight_loader"]
+        layer.rosaq_loaded = {}
+        groups = in_local // cfg.group_size
+
+        def register(name: str, param: BasevLLMParameter) -> None:
+            param.weight_loader = self._checked_loader(layer, name, loader)
+            layer.rosaq_loaded[name] = 0
+            layer.register_parameter(name, param)
+
+        def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype)
+
+        register("qweight", ModelWeightParameter(data=empty(out_local, packed_width(in_local, cfg.bits),
+                                                            dtype=torch.int32),
+                                                 input_dim=1, output_dim=0, weight_loader=loader))
+        register("scales", GroupQuantScaleParameter(data=empty(out_local, groups, dtype=torch.float16),
+                                                    input_dim=1, output_dim=0, weight_loader=loader))
+        register("qzeros", GroupQuantScaleParameter(data=empty(out_local, groups, dtype=torch.uint8),
+                                                    input_dim=1, output_dim=0, weight_loader=loader))
+        register("salient_idx", BasevLLMParameter(data=empty(num_salient, dtype=torch.int32), weight_loader=loader))
+        register("salient_weight", ChannelQuantScaleParameter(data=empty(out_local, num_salient,
+                                                                         dtype=torch.float16),
+                                                              output_dim=0, weight_loader=loader))
+        if block is not None:
+            register("rot", RowvLLMParameter(data=empty(in_local // block, block, block, dtype=torch.float32),
+                                             input_dim=0, weight_loader=loader))
+        layer.rosaq_input_size = input_size
+        layer.rosaq_input_offset = 0 if in_local == input_size else get_tensor_model_parallel_rank() * in_local
+        layer.rosaq_params_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Check every tensor arrived, keep this rank's salient channels, and freeze plain tensors."""
+        expected = len(self.projections)
+        for name, count in layer.rosaq_loaded.items():
+            if count != expected:
+                raise self._error(name, f"missing from the checkpoint (loaded for {count} of {expected} "
+                                  f"projections {self.projections})")
+        idx = layer.salient_idx.data.long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= layer.rosaq_input_size or (idx.diff() <= 0).any()):
+            raise self._error("salient_idx", f"indices must be ascending and in [0, {layer.rosaq_input_size})")
+        in_local = layer.scales.shape[1] * self.quant_config.group_size
+        local = (idx >= layer.rosaq_input_offset) & (idx < layer.rosaq_input_offset + in_local)
+        salient_idx = (idx[local] - layer.rosaq_input_offset).to(torch.int32)
+        salient_weight = layer.salient_weight.data[:, local]
+        for name, data in (("qweight", layer.qweight.data), ("scales", layer.scales.data),
+                           ("qzeros", layer.qzeros.data), ("salient_idx", salient_idx),
+                           ("salient_weight", salient_weight)):
+            setattr(layer, name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
+        if "rot" in layer.rosaq_loaded:
+            layer.rot = torch.nn.Parameter(layer.rot.data.contiguous(), requires_grad=False)
+        else:
+            layer.rot = None
+        del layer.rosaq_loaded
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.ops.rosaq.linear(flat, layer.qweight, layer.scales, layer.qzeros, layer.salient_idx,
+                                   layer.salient_weight, layer.rot, self.quant_config.bits,
+                                   self.quant_config.group_size)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])

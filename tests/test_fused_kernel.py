@@ -1,0 +1,121 @@
+"""The fused Triton ROSAQ linear against the torch reference, on CPU through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` is set before triton is imported, so this runs in CI without a GPU. Every case
+draws fresh random weights, codes, zero points, salient channels and activations (never zeros), writes
+into an output buffer poisoned with NaN, and compares with ``rosaq_linear_reference`` fed float64
+inputs (it computes in float32, far below the tolerances here) by ‖y − ref‖ / ‖ref‖.
+
+Known limit of the interpreter (triton 3.9): bf16 arithmetic and bf16 ``tl.dot`` are computed on the raw
+bits, and fp32 → bf16 conversion truncates. The kernel therefore runs its bf16 weight tiles in fp32
+under the interpreter (the native bf16 path is checked on the GPU by ``benchmarks/check_kernels_gpu.py``),
+and the bf16 tolerance allows for truncated rounding.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    from rosaq_kernels.fused_linear import fused_linear, prepare_weights, rosaq_fused_linear  # noqa: E402
+except Exception as exc:  # pragma: no cover - depends on the environment
+    pytest.skip(f"triton (interpreter) unavailable: {exc!r}", allow_module_level=True)
+
+from rosaq_kernels.packing import pack  # noqa: E402
+from rosaq_kernels.reference import rosaq_linear_reference  # noqa: E402
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+
+
+def _random_layer(gen, M, K, N, bits, S, B, dtype, group_size=128):
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    codes = torch.randint(0, 2**bits, (N, K), generator=gen)
+    qweight = pack(codes, bits)
+    scales = (torch.rand(N, K // group_size, generator=gen) * 0.02 + 0.005).half()
+    qzeros = torch.randint(0, 2**bits, (N, K // group_size), generator=gen, dtype=torch.uint8)
+    salient_idx = torch.randperm(K, generator=gen)[:S].to(torch.int32)
+    salient_weight = (torch.randn(N, S, generator=gen) * 0.1).half()
+    rot = None
+    if B:
+        rot = torch.linalg.qr(torch.randn(K // B, B, B, generator=gen, dtype=torch.float64))[0].float()
+    return x, qweight, scales, qzeros, salient_idx, salient_weight, rot
+
+
+def _reference64(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size):
+    return rosaq_linear_reference(
+        x.double(),
+        qweight,
+        scales.double(),
+        qzeros,
+        salient_idx,
+        salient_weight.double(),
+        None if rot is None else rot.double(),
+        bits,
+        group_size,
+    )
+
+
+def _check(y, ref, dtype):
+    assert y.dtype == dtype
+    assert not torch.isnan(y).any(), "NaN in the output (unwritten element or bad arithmetic)"
+    assert torch.isfinite(y).all()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e} over {TOL[dtype]:.0e}"
+
+
+# (M, K, N, bits, S, rot block, dtype): every bits × dtype × rotation combination, with M, N and S
+# cycling over {1, 5, 33}, {64, 96} and {0, 16, 32}.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CASES = []
+for _i, (_bits, _dt, _B) in enumerate((b, d, r) for b in (4, 3) for d in _DTYPES for r in (0, 64, 256)):
+    _CASES.append(
+        ((1, 5, 33)[_i % 3], 256, (64, 96)[_i % 2], _bits, (0, 16, 32)[(_i // 3 + _i) % 3], _B, _dt)
+    )
+# Split-K with an uneven last split and salient tiles dealt over the splits; the large-M bucket.
+_CASES += [
+    (5, 1024, 64, 4, 32, 0, torch.float16),
+    (5, 1024, 96, 3, 48, 64, torch.bfloat16),
+    (2, 512, 64, 3, 16, 0, torch.float32),
+    (300, 256, 96, 4, 16, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("M,K,N,bits,S,B,dtype", _CASES)
+def test_fused_matches_reference(M, K, N, bits, S, B, dtype):
+    gen = torch.Generator().manual_seed(hash((M, K, N, bits, S, B, str(dtype))) % 2**31)
+    args = _random_layer(gen, M, K, N, bits, S, B, dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    y = rosaq_fused_linear(*args, bits, 128, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, _reference64(*args, bits, 128), dtype)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (4, 32)])
+def test_prepared_layout_and_group_sizes(bits, group_size):
+    gen = torch.Generator().manual_seed(1000 + bits * 100 + group_size)
+    M, K, N, S = 3, 256, 64, 16
+    x, qweight, scales, qzeros, sidx, sw, rot = _random_layer(
+        gen, M, K, N, bits, S, 64, torch.float16, group_size
+    )
+    prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot)
+    # Same logical tensors, column-major storage.
+    assert torch.equal(prepared["qweight"], qweight) and prepared["qweight"].stride() == (1, N)
+    assert torch.equal(prepared["salient_weight"], sw) and prepared["rot"].dtype == torch.float16
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = fused_linear(x, prepared, bits, group_size, out=out)
+    ref = _reference64(
+        x, qweight, scales, qzeros, sidx, sw, prepared["rot"].float(), bits, group_size
+    )  # the prepared (fp16-rounded) rotation is the weight now
+    _check(y, ref, torch.float16)
+
+
+def test_rejects_bad_shapes():
+    gen = torch.Generator().manual_seed(7)
+    x, qweight, scales, qzeros, sidx, sw, _ = _random_layer(gen, 2, 256, 64, 4, 16, 0, torch.float16)
+    with pytest.raises(ValueError):
+        rosaq_fused_linear(x, qweight, scales, qzeros, sidx[:8], sw[:, :8], None, 4, 128)
+    with pytest.raises(ValueError):
+        rosaq_fused_linear(x, qweight, scales, qzeros, sidx, sw, None, 3, 128)
