@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-from rosaq_kernels.fused_linear import _pick_config, fused_linear, prepare_weights
+from rosaq_kernels.fused_linear import _CONFIGS, fused_linear, prepare_weights, set_config_table
 from rosaq_kernels.packing import pack
 
 MODELS = {
@@ -80,6 +80,14 @@ def hbm_copy_bandwidth() -> float:
     t = time_graph([lambda x=x, y=y: y.copy_(x)], n_min=10, reps=10)
     del x, y
     return 2 * 2 * 1024**3 / (t * 1e-6) / 1e12
+
+
+def hbm_read_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device="cuda").normal_()
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    t = time_graph([lambda x=x, out=out: torch.sum(x, dim=0, dtype=torch.float32, out=out)], n_min=10, reps=10)
+    del x
+    return 2 * 1024**3 / (t * 1e-6) / 1e12
 
 
 def fp16_matmul_rate() -> float:
@@ -263,11 +271,32 @@ def bench(models, ms, vk, bw, out_lines):
     return per_linear
 
 
-def sweep(ms, out_lines):
-    """Time alternative launch configs of the ROSAQ kernel on the Llama-2-7B shapes (W4 and W3, S = 1%)."""
+SWEEP_MS = (1, 16, 64, 256, 1024)
+
+
+def _sweep_candidates(M):
+    if M <= 16:
+        return [(16, bn, bk, 4, st, wv) for bn in (64, 128, 256) for bk in (64, 128) for st in (3, 4)
+                for wv in (2, 4, 8)]  # fmt: skip
+    if M <= 64:
+        return [(64, bn, bk, 4, st, wv) for bn in (64, 128) for bk in (64, 128) for st in (3, 4)
+                for wv in (0, 2, 4)] + [(32, 128, 128, 4, 4, 4)]  # fmt: skip
+    if M <= 256:
+        return [(bm, bn, bk, w, 3, 0) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)
+                for w in (4, 8)]  # fmt: skip
+    return [(bm, bn, 64, 8, st, 0) for bm in (128, 256) for bn in (128, 256) for st in (3, 4)]
+
+
+def sweep(out_lines, table_path):
+    """Time candidate launch configs on the Llama-2-7B shapes (S = 1%); write the best M-bucket tables."""
+    import json
+
     gen = torch.Generator(device="cuda").manual_seed(1)
     shapes = MODELS["llama2-7b"]
-    out_lines.append("\n### Config sweep (Llama-2-7B shapes, S = 1%), µs per linear; default config first\n")
+    out_lines.append(
+        "\n### Config sweep (Llama-2-7B shapes, S = 1%), µs per layer (sum of the four linears)\n"
+    )
+    tables = {}
     for bits in (4, 3):
         layers = {}
         for name, (K, N) in shapes.items():
@@ -279,51 +308,51 @@ def sweep(ms, out_lines):
                 for _ in range(n_copies(rosaq_bytes(1, K, N, bits, S, B)) - 1)
             ]
             layers[name] = (K, N, cp)
-        for M in ms:
-            if M <= 16:
-                cands = [(16, bn, bk, w, st, f) for bn in (64, 128, 256) for bk in (64, 128) for w in (4,)
-                         for st in (2, 4) for f in (0.5, 1, 2)]  # fmt: skip
-            elif M <= 64:
-                cands = [(bm, bn, bk, 4, st, f) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128)
-                         for st in (3, 4) for f in (0.5, 1, 2)]  # fmt: skip
-            else:
-                cands = [(bm, bn, bk, w, st, 1) for bm in (64, 128) for bn in (128, 256) for bk in (64, 128)
-                         for w in (4, 8) for st in (3, 4)]  # fmt: skip
-            res, defaults = {}, {}
-            for name, (K, N, cp) in layers.items():
-                a = torch.randn(M, K, dtype=torch.float16, device="cuda", generator=gen)
-                auto = _pick_config(M, N, K, bits, GROUP, a.device)
-                defaults[name] = (*auto[:5], auto[7])
-                configs = [defaults[name]]
-                for bm, bn, bk, w, st, f in cands:
-                    if M <= 64:
-                        t_ = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-                        split = max(1, round(f * min(K // bk, max(1, 4 * 132 // t_))))
-                    else:
-                        split = 1
-                    configs.append((bm, bn, bk, w, st, split))
-                for cfg in dict.fromkeys(configs):
-                    try:
-                        t = time_graph(
-                            [
-                                lambda p=p, c=cfg, a=a, b=bits: fused_linear(a, p, b, GROUP, config=c)
-                                for p in cp
-                            ]  # fmt: skip
-                        )
-                    except Exception as exc:  # a config that does not compile (shared memory) is skipped
-                        print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
-                        continue
-                    res.setdefault(cfg, {})[name] = t
-            rows = sorted((sum(d.values()), cfg) for cfg, d in res.items() if len(d) == len(layers))
-            default = sum(res.get(defaults[n], {}).get(n, float("nan")) for n in layers)
-            best = {n: min((d[n], cfg) for cfg, d in res.items() if n in d) for n in layers}
+        totals = {}  # M -> {cfg: µs per layer}
+        for M in SWEEP_MS:
+            xs = {
+                n: torch.randn(M, K, dtype=torch.float16, device="cuda", generator=gen)
+                for n, (K, _, _) in layers.items()
+            }
+            totals[M] = {}
+            for cfg in _sweep_candidates(M):
+                try:
+                    t = 0.0
+                    for n, (_, _, cp) in layers.items():
+                        t += time_graph(
+                            [lambda p=p, c=cfg, a=xs[n], b=bits: fused_linear(a, p, b, GROUP, config=c)
+                             for p in cp], n_min=20, reps=7)  # fmt: skip
+                except Exception as exc:  # a config that does not compile (shared memory) is skipped
+                    print(f"  skip W{bits} {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                totals[M][cfg] = t
+            ranked = sorted(totals[M].items(), key=lambda kv: kv[1])
             out_lines.append(
-                f"- W{bits} M={M}: default {default:.1f} µs/layer; best single config "
-                f"{rows[0][0]:.1f} {rows[0][1]}; best per shape: "
-                + ", ".join(f"{n} {t:.1f} {cfg}" for n, (t, cfg) in best.items())
-                + f" (sum {sum(t for t, _ in best.values()):.1f})"
+                f"- W{bits} M={M}: "
+                + ", ".join(f"{t:.1f} {cfg}" for cfg, t in ranked[:4])
+                + f" … worst {ranked[-1][1]:.1f}"
             )
             print(out_lines[-1], flush=True)
+        small = {c: totals[1][c] + totals[16][c] for c in totals[1] if c in totals[16]}
+        b16 = min(small, key=small.get)
+        b64 = min(totals[64], key=totals[64].get)
+        b256 = min(totals[256], key=totals[256].get)
+        b1024 = min(totals[1024], key=totals[1024].get)
+        tables[bits] = [
+            [16, *b16],
+            [32, 32, *b16[1:]],
+            [64, *b64],
+            [128, *b256],
+            [256, *b256],
+            [1 << 62, *b1024],
+        ]
+        out_lines.append(f"- W{bits} table chosen: {tables[bits]}")
+        print(out_lines[-1], flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    if table_path:
+        with open(table_path, "w") as f:
+            json.dump(tables, f)
 
 
 def main() -> int:
@@ -331,7 +360,8 @@ def main() -> int:
     ap.add_argument("--models", default="llama2-7b,llama3-8b")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--out", default=None, help="write the markdown report here too")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time candidate configs, write --table")
+    ap.add_argument("--table", default=None, help="JSON M-bucket tables {bits: rows} (written by --sweep)")
     ap.add_argument("--no-vllm", action="store_true", help="skip Marlin and Machete")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
@@ -348,6 +378,7 @@ def main() -> int:
         except Exception as exc:
             vllm_note = f"SKIPPED: vLLM not importable ({type(exc).__name__}: {exc})"
     bw = hbm_copy_bandwidth()
+    bw_read = hbm_read_bandwidth()
     rate = fp16_matmul_rate()
     lines.append(f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='minutes')}")
     lines.append(
@@ -356,7 +387,10 @@ def main() -> int:
     )
     lines.append(f"- torch {torch.__version__}, triton {triton.__version__}; baselines: {vllm_note}")
     lines.append(f"- command: python {' '.join(sys.argv)}")
-    lines.append(f"- HBM copy bandwidth (read + write, 2 GiB, this run): {bw:.2f} TB/s")
+    lines.append(
+        f"- HBM copy bandwidth (read + write, 2 GiB, this run): {bw:.2f} TB/s (the floor used below)"
+    )
+    lines.append(f"- HBM read-only bandwidth (fp32 sum of 2 GiB, this run): {bw_read:.2f} TB/s")
     lines.append(f"- fp16 matmul 8192³ (this run): {rate:.0f} TFLOP/s")
     lines.append(
         "- roofline: time ≥ max(bytes that must move / copy bandwidth, 2·M·N·K / fp16 matmul rate); "
@@ -364,8 +398,15 @@ def main() -> int:
     )
     print("\n".join(lines), flush=True)
     if args.sweep:
-        sweep(ms, lines)
+        sweep(lines, args.table)
     else:
+        if args.table:
+            import json
+
+            with open(args.table) as f:
+                for bits, rows in json.load(f).items():
+                    set_config_table(int(bits), rows)
+        lines.append(f"- ROSAQ launch tables (max M, BM, BN, BK, warps, stages, waves): {dict(_CONFIGS)}")
         bench(models, ms, vk, bw, lines)
     report = "\n".join(lines)
     print("\n" + report)

@@ -60,32 +60,40 @@ SALIENT_BLOCK = 16
 
 
 @triton.jit
-def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Codes of channels ``k0 .. k0+BLOCK_K`` for the columns ``offs_n``: int32 ``[BLOCK_K, BLOCK_N]``."""
+def _dup(w):
+    """Repeat every element of ``w [R, C]`` twice along the last dim, in registers: ``[R, 2C]``."""
+    return tl.reshape(tl.join(w, w), (w.shape[0], 2 * w.shape[1]))
+
+
+@triton.jit
+def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qn, stride_qk, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of channels ``k0 .. k0+BLOCK_K`` of the rows ``offs_n``: int32 ``[BLOCK_N, BLOCK_K]``.
+
+    The packed words are read once ([BLOCK_N, words] tiles, contiguous along K in the checkpoint
+    layout), repeated in registers (``_dup``, a join: no shuffle) to one copy per code, then shifted.
+    """
+    kk = tl.arange(0, BLOCK_K)
     if BITS == 4:
-        # 8 codes per word; channel k0 + 8r + j sits in bits 4j..4j+3 of word row k0/8 + r.
-        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        # 8 codes per word; channel k0 + 8r + j sits in bits 4j..4j+3 of word k0/8 + r.
+        cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         w = tl.load(
-            qw_ptr + rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
+            qw_ptr + offs_n[:, None] * stride_qn + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0
         )
-        shifts = tl.arange(0, 8) * 4
-        codes = (w[:, None, :] >> shifts[None, :, None]) & 0xF
-        codes = tl.reshape(codes, (BLOCK_K, w.shape[1]))
+        w = _dup(_dup(_dup(w)))
+        codes = (w >> ((kk % 8) * 4)[None, :]) & 0xF
     else:
         # Chunks of 32 channels in 3 words: [low 2 bits of 0..15], [low 2 bits of 16..31], [bit 2 of 0..31].
-        chunk0 = (k0 // 32) * 3
-        q = tl.arange(0, BLOCK_K // 16)
-        lo_rows = chunk0 + 3 * (q // 2) + (q % 2)
-        hi_rows = chunk0 + 3 * tl.arange(0, BLOCK_K // 32) + 2
-        lo = tl.load(
-            qw_ptr + lo_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
-        )
-        hi = tl.load(
-            qw_ptr + hi_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :], other=0
-        )
-        lo_c = (lo[:, None, :] >> (2 * tl.arange(0, 16))[None, :, None]) & 0x3
-        hi_c = (hi[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 0x1
-        codes = tl.reshape(lo_c, (BLOCK_K, lo.shape[1])) | (tl.reshape(hi_c, (BLOCK_K, hi.shape[1])) << 2)
+        cols = (k0 // 32) * 3 + 3 * tl.arange(0, BLOCK_K // 32)
+        base = qw_ptr + offs_n[:, None] * stride_qn
+        lo0 = tl.load(base + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0)
+        lo1 = tl.load(base + (cols + 1)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
+        hi = tl.load(base + (cols + 2)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
+        lo = tl.reshape(
+            tl.join(lo0, lo1), (lo0.shape[0], 2 * lo0.shape[1])
+        )  # word 2c + h: codes 32c + 16h + i
+        lo = _dup(_dup(_dup(_dup(lo))))
+        hi = _dup(_dup(_dup(_dup(_dup(hi)))))
+        codes = ((lo >> (2 * (kk % 16))[None, :]) & 0x3) | (((hi >> (kk % 32)[None, :]) & 0x1) << 2)
     return codes
 
 
@@ -94,20 +102,26 @@ def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
     M, N, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
-    stride_qk, stride_qn,
-    stride_sg, stride_sn,
-    stride_zg, stride_zn,
-    stride_wk, stride_wn,
+    stride_qn, stride_qk,
+    stride_sn, stride_sg,
+    stride_zn, stride_zg,
+    stride_wn, stride_ws,
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
 ):  # fmt: skip
+    """One ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ`` over the K tiles of split ``program_id(1)``.
+
+    Computed as ``yᵀ = deq(W) · x'ᵀ``: the dequantized weight tile is the first (register) operand of
+    the tensor-core product, so it never goes through shared memory, and a small M only has to fill
+    the second operand's N dimension (16 and up).
+    """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # Grouped ordering of the output tiles (Triton tutorial): neighbours share weight columns in L2.
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering of the output tiles (Triton tutorial): neighbours share weight rows in L2.
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the test module on the interpreter
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -122,7 +136,7 @@ def _rosaq_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
 
     # ---- quantized part: K tiles [kt_start, kt_end) of this split ----
     kt_start = pid_k * tiles_per_split
@@ -130,30 +144,30 @@ def _rosaq_linear_kernel(
     for kt in range(kt_start, kt_end):
         k0 = kt * BLOCK_K
         a = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-        codes = _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, BITS, BLOCK_K)
+        codes = _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qn, stride_qk, BITS, BLOCK_K)
         g = k0 // GROUP_SIZE
-        scale = tl.load(sc_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zp_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0).to(tl.int32)
+        scale = tl.load(sc_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(zp_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
         if ACT == 0:
             # fp16 bits 0x6400 | c  ==  1024 + c  (exact for c < 1024); minus (1024 + z) gives c - z exactly.
             w = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            w = w - (zero + 1024).to(tl.float16)[None, :]
-            part = tl.dot(a, w)
+            w = w - (zero + 1024).to(tl.float16)[:, None]
+            part = tl.dot(w, tl.trans(a))
         elif ACT == 1:
             if BF16_MAGIC:
                 # bf16 bits 0x4300 | c  ==  128 + c  (exact for c < 128).
                 w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                w = w - (zero + 128).to(tl.bfloat16)[None, :]
-                part = tl.dot(a, w)
+                w = w - (zero + 128).to(tl.bfloat16)[:, None]
+                part = tl.dot(w, tl.trans(a))
             else:
                 # Triton's interpreter gets bf16 arithmetic and bf16 dots wrong (it works on the raw bits);
                 # conversions are right, so it runs this tile in fp32.
-                w = (codes - zero[None, :]).to(tl.float32)
-                part = tl.dot(a.to(tl.float32), w, input_precision="ieee")
+                w = (codes - zero[:, None]).to(tl.float32)
+                part = tl.dot(w, tl.trans(a.to(tl.float32)), input_precision="ieee")
         else:
-            w = (codes - zero[None, :]).to(tl.float32)
-            part = tl.dot(a, w, input_precision="ieee")
-        acc += part * scale[None, :]
+            w = (codes - zero[:, None]).to(tl.float32)
+            part = tl.dot(w, tl.trans(a), input_precision="ieee")
+        acc += part * scale[:, None]
 
     # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
     offs_s = tl.arange(0, BLOCK_S)
@@ -161,20 +175,20 @@ def _rosaq_linear_kernel(
         sidx = tl.load(sidx_ptr + s0 + offs_s)
         a = tl.load(x_rows + sidx[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None], other=0.0)
         ws = tl.load(
-            sw_ptr + (s0 + offs_s)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_n[None, :],
+            sw_ptr + offs_n[:, None] * stride_wn + (s0 + offs_s)[None, :] * stride_ws,
+            mask=mask_n[:, None],
             other=0.0,
         )
         if ACT == 0:
-            acc += tl.dot(a, ws.to(tl.float16))
+            acc += tl.dot(ws.to(tl.float16), tl.trans(a))
         elif ACT == 1:
             # fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10 bits).
-            acc += tl.dot(a.to(tl.float32), ws.to(tl.float32))
+            acc += tl.dot(ws.to(tl.float32), tl.trans(a.to(tl.float32)))
         else:
-            acc += tl.dot(a, ws.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(ws.to(tl.float32), tl.trans(a), input_precision="ieee")
 
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
+    out_mask = mask_n[:, None] & mask_m[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -239,19 +253,27 @@ def _block_rotate_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------------
 
-# Fixed launch configurations by M bucket: (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-# Chosen once (no autotuning: autotune would time kernels during CUDA-graph capture).
-_CONFIGS = (
-    (16, 16, 128, 128, 4, 4),
-    (32, 32, 128, 128, 4, 4),
-    (64, 64, 128, 64, 4, 4),
-    (128, 64, 128, 64, 4, 4),
-    (256, 128, 128, 64, 8, 3),
-    (1 << 62, 128, 256, 64, 8, 3),
+# Fixed launch configurations by M bucket, per bit width:
+#   (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K waves)
+# BLOCK_N is the tensor-core M dimension (the weight rows), BLOCK_M the batch. With waves > 0 the K
+# loop is split so that about ``waves × #SMs`` programs run (capped so that the fp32 partial sums stay
+# small next to the weight); 0 means no split. Chosen once from timings (benchmarks/bench_kernels.py
+# --sweep); no autotuning, which would time kernels during CUDA-graph capture.
+_DEFAULT_TABLE = (
+    (16, 16, 128, 128, 4, 4, 4),
+    (32, 32, 128, 128, 4, 4, 4),
+    (64, 64, 128, 128, 4, 3, 2),
+    (128, 128, 128, 64, 8, 3, 0),
+    (256, 128, 128, 64, 8, 3, 0),
+    (1 << 62, 256, 128, 64, 8, 3, 0),
 )
+_CONFIGS = {4: _DEFAULT_TABLE, 3: _DEFAULT_TABLE}
 _GROUP_M = 8
-#: Target number of programs for split-K, in units of the multiprocessor count.
-_WAVES = 4
+
+
+def set_config_table(bits: int, table) -> None:
+    """Replace the M-bucket table of one bit width (benchmarks and tuning)."""
+    _CONFIGS[bits] = tuple(tuple(int(v) for v in row) for row in table)
 
 
 @functools.cache
@@ -270,21 +292,21 @@ def _device_sms(device: torch.device) -> int:
 
 
 def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device, config=None):
-    if config is not None:
-        bm, bn, bk, warps, stages, split = config
-    else:
-        bm, bn, bk, warps, stages = next(cfg[1:] for cfg in _CONFIGS if M <= cfg[0])
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, k_tiles, tiles_per_split, split)``."""
+    if config is None:
+        config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
+    bm, bn, bk, warps, stages, waves = config
     bk = min(bk, group_size)
     if group_size % bk or bk % 32 or K % bk:
         raise ValueError(f"group_size={group_size}, K={K}: need K tiles of a multiple of 32 inside a group")
     k_tiles = K // bk
-    if config is None:
+    split = 1
+    if waves > 0:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        split = max(1, min(k_tiles, _WAVES * _device_sms(device) // tiles))
+        split = max(1, min(k_tiles, waves * _device_sms(device) // tiles))
         # Partial sums (fp32, written and read back) must stay small next to the packed weight.
         weight_bytes = N * K * bits // 8
         split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
-    split = max(1, min(split, k_tiles))
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
     return bm, bn, bk, warps, stages, k_tiles, tiles_per_split, split
@@ -332,7 +354,7 @@ def rosaq_fused_linear(
 
     Takes the checkpoint layout or the layout of :func:`prepare_weights` (any strides). ``out`` is an
     optional ``[M, N]`` buffer of ``x.dtype`` to write into. ``config`` overrides the M-bucket table
-    (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k)``; for benchmarks and tuning).
+    (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K waves)``; for benchmarks and tuning).
     """
     if x.dtype not in _ACT_KIND:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
@@ -355,7 +377,7 @@ def rosaq_fused_linear(
         salient_idx, salient_weight = qweight, scales
         sw_strides = (0, 0)
     else:
-        sw_strides = (salient_weight.stride(1), salient_weight.stride(0))
+        sw_strides = (salient_weight.stride(0), salient_weight.stride(1))
     bm, bn, bk, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, group_size, x.device, config)
     dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
@@ -364,9 +386,9 @@ def rosaq_fused_linear(
         x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
         M, N, S, k_tiles, tps, split,
         x.stride(0), x.stride(1),
-        qweight.stride(1), qweight.stride(0),
-        scales.stride(1), scales.stride(0),
-        qzeros.stride(1), qzeros.stride(0),
+        qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1),
+        qzeros.stride(0), qzeros.stride(1),
         sw_strides[0], sw_strides[1],
         dest_strides[0], dest_strides[1], dest_strides[2],
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
@@ -399,17 +421,18 @@ def prepare_weights(
 ) -> dict[str, torch.Tensor | None]:
     """Repack a checkpoint's tensors for the kernel (call once, in ``process_weights_after_loading``).
 
-    Returns the same logical tensors (same shapes and values; ``rot`` rounded to ``rot_dtype``), with
-    ``qweight``, ``scales``, ``qzeros`` and ``salient_weight`` stored column-major, so that a tile's
-    loads are contiguous along the output dimension. They can be passed to ``torch.ops.rosaq.linear``
-    or to :func:`fused_linear` as they are.
+    Returns the same logical tensors (same shapes and values; ``rot`` rounded to ``rot_dtype``):
+    ``qweight`` and ``salient_weight`` row-major as in the checkpoint (the kernel reads weight tiles
+    along K), ``scales`` and ``qzeros`` stored column-major (``[K/g, N]`` in memory), so that the
+    ``BLOCK_N`` scales of one group are one contiguous load. They can be passed to
+    ``torch.ops.rosaq.linear`` or to :func:`fused_linear` as they are.
     """
     return {
-        "qweight": _column_major(qweight),
+        "qweight": qweight.contiguous(),
         "scales": _column_major(scales.to(torch.float16)),
         "qzeros": _column_major(qzeros),
         "salient_idx": salient_idx.to(torch.int32).contiguous(),
-        "salient_weight": _column_major(salient_weight.to(torch.float16)),
+        "salient_weight": salient_weight.to(torch.float16).contiguous(),
         "rot": None if rot is None else rot.to(rot_dtype).contiguous(),
     }
 

@@ -6,7 +6,6 @@ of the model code. On CPU the body is the torch reference.
 """
 
 import torch
-
 from rosaq_kernels.reference import rosaq_linear_reference
 
 

@@ -10,7 +10,6 @@ channels are zero in the quantized part (their code equals the zero point).
 """
 
 import torch
-
 from rosaq_kernels.packing import unpack
 
 

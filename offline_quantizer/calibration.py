@@ -66,7 +66,7 @@ def capture_first_layer_inputs(adapter: DecoderAdapter, batches: list[torch.Tens
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     """Outputs of one decoder layer for every batch (the inputs of the next layer)."""
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.layer_kwargs):
+    for hidden, kwargs in zip(inputs.hidden, inputs.layer_kwargs, strict=True):
         out = layer(hidden, **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return LayerInputs(outputs, inputs.layer_kwargs)

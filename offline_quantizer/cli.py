@@ -43,13 +43,14 @@ def quantize_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished layers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size)
     quantize_checkpoint(args.model, args.output, _text(args.calib), opts, num_samples=args.num_samples,
                         seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, resume=args.resume)
 
 
 def eval_main(argv: list[str] | None = None) -> None:

@@ -4,10 +4,10 @@ import math
 from pathlib import Path
 
 import torch
+from rosaq_kernels.reference import rosaq_linear_reference
 from torch import nn
 from tqdm.auto import tqdm
 
-from rosaq_kernels.reference import rosaq_linear_reference
 from rosaq_vllm.checkpoint import QUANTIZED_LINEARS, load_config, load_tensors, projection_prefix
 
 _LINEAR_SUFFIXES = ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")

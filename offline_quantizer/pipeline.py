@@ -7,6 +7,8 @@ online block-diagonal PCA rotation. ``per-layer`` gives every site its own full 
 online. ``none`` keeps the original basis (saliency in the original feature space).
 """
 
+import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from offline_quantizer.rotation import (
     rotated_energy,
 )
 from offline_quantizer.saliency import select_salient
+from offline_quantizer.workdir import WorkDir
 from rosaq_vllm.checkpoint import (
     QUANTIZED_LINEARS,
     RosaqQuantConfig,
@@ -192,21 +195,42 @@ LayerCallback = Callable[[int, dict[str, RotatedLinear]], None]
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, on_layer: LayerCallback) -> None:
-    """Fold, calibrate and rotate ``model`` in place, one decoder layer at a time.
+def prepare_model(
+    model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, basis: torch.Tensor | None = None
+) -> tuple[DecoderAdapter, LayerInputs, torch.Tensor | None]:
+    """Fold the norms, record the first layer's inputs and (absorbed mode) rotate the residual stream.
 
-    ``on_layer(index, projections)`` receives each layer's projections in their final basis right after
-    that layer is done (only one layer's calibration activations are alive at any time).
+    ``basis``: a residual basis computed earlier (resume); computed here when ``None``.
+    Returns the adapter, the (rotated) first-layer inputs and the residual basis (``None`` unless absorbed).
     """
     opts.quant_config()  # validate before any work
     adapter = DecoderAdapter(model)
     fold_norms(adapter)
     inputs = capture_first_layer_inputs(adapter, batches)
-    if opts.rotation == "absorbed":
+    if opts.rotation != "absorbed":
+        return adapter, inputs, None
+    if basis is None:
         basis = residual_basis(adapter, inputs, opts.damping)
-        apply_residual_basis(adapter, basis)
-        inputs.hidden = [(h.to(torch.float64) @ basis.to(h.device)).to(h.dtype) for h in inputs.hidden]
+    apply_residual_basis(adapter, basis)
+    inputs.hidden = [(h.to(torch.float64) @ basis.to(h.device)).to(h.dtype) for h in inputs.hidden]
+    return adapter, inputs, basis
+
+
+@torch.no_grad()
+def rotate_layers(
+    adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeOptions, on_layer: LayerCallback,
+    start_layer: int = 0,
+) -> None:
+    """Calibrate and rotate the decoder layers from ``start_layer`` on, one at a time.
+
+    ``on_layer(index, projections)`` receives each layer's projections in their final basis right after
+    that layer is done (only one layer's calibration activations are alive at any time). Layers before
+    ``start_layer`` are only run forward, to produce the inputs of the next ones.
+    """
     for index, layer in enumerate(tqdm(adapter.layers, desc=f"ROSAQ {opts.rotation}", unit="layer")):
+        if index < start_layer:
+            inputs = run_layer(layer, inputs)
+            continue
         blocks = {
             site: _stat_block(opts.rotation, site, adapter.projection(layer, SITES[site][0]).in_features,
                               adapter.shape.head_dim, opts.block_size)
@@ -217,26 +241,56 @@ def rotate_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOp
         inputs = outputs
 
 
-def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All checkpoint tensors of ``model`` quantized with ROSAQ; unquantized tensors in ``dtype``."""
+def rotate_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, on_layer: LayerCallback) -> None:
+    """Fold, calibrate and rotate ``model`` in place (see :func:`prepare_model` and :func:`rotate_layers`)."""
+    adapter, inputs, _ = prepare_model(model, batches, opts)
+    rotate_layers(adapter, inputs, opts, on_layer)
+
+
+def _is_dense(name: str) -> bool:
+    """Tensors stored as-is: everything but projection weights (quantized) and rotary buffers."""
+    is_projection_weight = name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED_LINEARS
+    return not is_projection_weight and "rotary_emb" not in name
+
+
+def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, dtype: torch.dtype,
+                   work: WorkDir | None = None) -> dict[str, torch.Tensor]:
+    """All checkpoint tensors of ``model`` quantized with ROSAQ; unquantized tensors in ``dtype``.
+
+    With ``work``, every finished layer (and the residual basis) is saved there, and layers already
+    there are reused instead of recomputed (resume gives a byte-identical result).
+    """
     cfg = opts.quant_config()
     tensors: dict[str, torch.Tensor] = {}
+    start_layer = work.finished_layers() if work else 0
+    adapter, inputs, basis = prepare_model(model, batches, opts, work.load_basis() if work else None)
+    if work and basis is not None:
+        work.save_basis(basis)
 
     def store(index: int, projections: dict[str, RotatedLinear]) -> None:
+        layer_tensors = {}
         for name, rotated in projections.items():
             prefix = projection_prefix(index, name)
             num_salient = cfg.num_salient_for(rotated.weight.shape[1])
             salient_idx = select_salient(rotated.energy, num_salient)
             for suffix, tensor in quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size).items():
-                tensors[f"{prefix}.{suffix}"] = tensor.cpu()
+                layer_tensors[f"{prefix}.{suffix}"] = tensor.cpu()
             if rotated.rot is not None:
-                tensors[f"{prefix}.rot"] = rotated.rot.to(torch.float32).cpu()
+                layer_tensors[f"{prefix}.rot"] = rotated.rot.to(torch.float32).cpu()
+        for name, tensor in adapter.layers[index].state_dict().items():
+            if _is_dense(name):
+                layer_tensors[f"model.layers.{index}.{name}"] = tensor.detach().to(dtype).cpu()
+        if work:
+            work.save_layer(index, layer_tensors)
+        tensors.update(layer_tensors)
 
-    rotate_model(model, batches, opts, store)
+    if start_layer:
+        logger.info("resuming: layers 0..%d are done", start_layer - 1)
+    for index in range(start_layer):
+        tensors.update(work.load_layer(index))
+    rotate_layers(adapter, inputs, opts, store, start_layer)
     for name, tensor in model.state_dict().items():
-        is_projection_weight = name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED_LINEARS
-        if not is_projection_weight and "rotary_emb" not in name:
+        if not name.startswith("model.layers.") and _is_dense(name):
             tensors[name] = tensor.detach().to(dtype).cpu().contiguous()
     return dict(sorted(tensors.items()))
 
@@ -256,11 +310,13 @@ def quantize_checkpoint(
     batch_size: int = 8,
     device: str = "cpu",
     overwrite: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Quantize a Hugging Face causal LM directory into a ROSAQ checkpoint directory (atomically).
 
     The model is calibrated in float32 on ``device``; unquantized tensors keep the model's dtype.
-    ``seq_len`` is capped by the model's context length.
+    ``seq_len`` is capped by the model's context length. Finished layers are kept in a work directory
+    beside the output until the checkpoint is published; ``resume`` continues an interrupted run from them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -274,7 +330,13 @@ def quantize_checkpoint(
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
     batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
     logger.info("calibrating on %d x %d tokens", num_samples, seq_len)
-    tensors = quantize_model(model, batches, opts, dtype)
+    fingerprint = {
+        "model": str(Path(model_path).resolve()), "options": dataclasses.asdict(opts), "device": device,
+        "num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size,
+        "calibration_sha256": hashlib.sha256(calibration_text.encode()).hexdigest(),
+    }
+    work = WorkDir(out_dir.parent / f".{out_dir.name}.work", fingerprint, resume)
+    tensors = quantize_model(model, batches, opts, dtype, work)
     hf_config = model.config.to_dict()
     hf_config.pop("quantization_config", None)
     hf_config["tie_word_embeddings"] = False
@@ -289,5 +351,6 @@ def quantize_checkpoint(
             logger.info("%s has no generation_config.json", model_path)
 
     atomic_output_dir(out_dir, write, overwrite=overwrite)
+    work.remove()
     logger.info("wrote %s", out_dir)
     return out_dir

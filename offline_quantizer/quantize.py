@@ -1,7 +1,6 @@
 """Group-wise asymmetric round-to-nearest quantization of a linear with salient channels."""
 
 import torch
-
 from rosaq_kernels.packing import pack
 
 

@@ -17,15 +17,16 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from rosaq_kernels.packing import packed_width
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 QUANT_METHOD = "rosaq"
 FORMAT_VERSION = 1
@@ -36,6 +37,8 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SALIENT_MULTIPLE = 16
 MAX_SHARD_BYTES = 2 * 1024**3
+#: Pickle checkpoint files: never read by ROSAQ.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 #: safetensors dtype names of the tensors this format defines.
 _ST_DTYPES = {
@@ -116,6 +119,9 @@ class RosaqQuantConfig:
             if len({p in self.online_rotation for p in group}) > 1:
                 raise _fail("quantization_config.online_rotation", f"{group} read the same input but only some "
                             "of them are listed", "List all or none of them.")
+        if len(set(self.online_rotation)) != len(self.online_rotation):
+            raise _fail("quantization_config.online_rotation", f"{list(self.online_rotation)} lists a projection "
+                        "twice", "List each projection once.")
         if self.rotation == "none" and self.online_rotation:
             raise _fail("quantization_config.online_rotation", "rotation is 'none' but online rotations are "
                         "listed", "Use an empty list with rotation 'none'.")
@@ -147,7 +153,7 @@ class RosaqQuantConfig:
                         "This checkpoint is not a ROSAQ checkpoint.")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k != "quant_method"}
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(kwargs) - known, key=str)
         if unknown:
             raise _fail(f"quantization_config.{unknown[0]}", "unknown key", f"Known keys: {sorted(known)}.")
         if "format_version" not in kwargs:
@@ -299,44 +305,96 @@ def _is_float_slot(name: str) -> bool:
     return not name.endswith((".qweight", ".scales", ".qzeros", ".salient_idx", ".salient_weight", ".rot"))
 
 
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """Tensor entries (``dtype``, ``shape``, ``data_offsets``) of a safetensors file, without loading data.
 
-    Raises :class:`CheckpointError` if the file is not safetensors or is truncated.
+    Applies the rules of the safetensors library itself (a JSON object after the 8-byte length, known
+    dtypes, non-negative integer shapes, data of each tensor contiguous, the data section exactly filled),
+    so a file that passes here is one ``safetensors`` opens. Raises :class:`CheckpointError` otherwise.
     """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _fail(str(path), "file is too short to be safetensors", "Re-copy or re-quantize the checkpoint.")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100 * 1024**2):
-            raise _fail(str(path), "corrupt safetensors header", "Re-copy or re-quantize the checkpoint.")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as exc:
-            raise _fail(str(path), f"corrupt safetensors header ({exc})", "Re-copy or re-quantize.") from exc
+    fix = "Re-copy the checkpoint or re-quantize the model."
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(str(path), "file is too short to be safetensors", fix)
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 * 1024**2):
+                raise _fail(str(path), "corrupt or truncated safetensors header (its length field points beyond "
+                             "the file)", fix)
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise _fail(str(path), f"cannot be read ({exc})", "Check the path and file permissions.") from exc
+    if not raw.startswith(b"{"):
+        raise _fail(str(path), "corrupt safetensors header (not a JSON object)", fix)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _fail(str(path), f"corrupt safetensors header ({type(exc).__name__})", fix) from exc
     if not isinstance(header, dict):
-        raise _fail(str(path), "corrupt safetensors header", "Re-copy or re-quantize the checkpoint.")
-    header.pop("__metadata__", None)
+        raise _fail(str(path), "corrupt safetensors header (not a JSON object)", fix)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise _fail(f"__metadata__ in {path.name}", "not a map of strings", fix)
     data_size = size - 8 - header_len
+    spans = []
     for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            numel = math.prod(entry["shape"])
-            itemsize = _ST_ITEMSIZE[entry["dtype"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _fail(f"{name} in {path.name}", "corrupt header entry", "Re-copy or re-quantize.") from exc
-        if end > data_size or end - begin != numel * itemsize:
-            raise _fail(f"{name} in {path.name}", f"data ends at byte {end} but the file holds {data_size} bytes "
-                        "of data (truncated or corrupt file)", "Re-copy the checkpoint or re-quantize the model.")
+        where = f"{name} in {path.name}"
+        if not isinstance(entry, dict):
+            raise _fail(where, "corrupt header entry (not a JSON object)", fix)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+            raise _fail(where, f"corrupt header entry (unknown dtype {dtype!r})", fix)
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise _fail(where, f"corrupt header entry (shape {shape!r} is not a list of sizes)", fix)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise _fail(where, f"corrupt header entry (data_offsets {offsets!r})", fix)
+        begin, end = offsets
+        if end > data_size:
+            raise _fail(where, f"data ends at byte {end} but the file holds {data_size} bytes of data "
+                        "(truncated or corrupt file)", fix)
+        if end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+            raise _fail(where, f"{end - begin} data bytes do not hold a {dtype} tensor of shape {tuple(shape)}",
+                        fix)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise _fail(f"{name} in {path.name}", f"data starts at byte {begin}, expected {position} (overlapping "
+                        "or non-contiguous tensors)", fix)
+        position = end
+    if position != data_size:
+        raise _fail(str(path), f"{data_size - position} bytes after the last tensor (corrupt file)", fix)
     return header
+
+
+def _pickle_files(model_dir: Path) -> list[Path]:
+    return sorted(p for pattern in PICKLE_PATTERNS for p in model_dir.glob(pattern))
+
+
+def pickle_allowed() -> bool:
+    """Whether the user opted in (``ROSAQ_ALLOW_PICKLE=1``) to let vLLM load a pickle-only checkpoint."""
+    return os.environ.get("ROSAQ_ALLOW_PICKLE", "") == "1"
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The safetensors shards of a model directory (pickle checkpoints are not read)."""
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.is_file())
     if not files:
+        pickles = _pickle_files(model_dir)
+        if pickles:
+            raise _fail(str(pickles[0]), "pickle checkpoint: ROSAQ reads only safetensors and never unpickles "
+                        "(unpickling can run arbitrary code)", "Convert it to safetensors (e.g. load it where you "
+                        "trust it and save with safetensors.torch.save_file), or re-run rosaq-quantize. To let vLLM "
+                        "load it anyway with torch.load(weights_only=True) and no checks before loading, set "
+                        "ROSAQ_ALLOW_PICKLE=1.")
         raise _fail(str(model_dir), "no *.safetensors files", "A ROSAQ checkpoint is written by rosaq-quantize.")
     return files
 
@@ -348,27 +406,78 @@ def load_config(model_dir: Path) -> tuple[dict[str, Any], RosaqQuantConfig]:
         raise _fail(str(model_dir), "no config.json", "Point to a directory written by rosaq-quantize.")
     try:
         hf_config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise _fail(str(path), f"not valid JSON ({exc})", "Re-quantize the model.") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _fail(str(path), f"not valid JSON ({type(exc).__name__}: {exc})", "Re-quantize the model.") from exc
+    if not isinstance(hf_config, dict):
+        raise _fail(str(path), f"expected a JSON object, got {type(hf_config).__name__}", "Re-quantize the model.")
     if "quantization_config" not in hf_config:
         raise _fail(str(path), "no quantization_config", "This is not a ROSAQ checkpoint; run rosaq-quantize.")
     return hf_config, RosaqQuantConfig.from_dict(hf_config["quantization_config"])
 
 
-def validate_checkpoint(model_dir: str | Path) -> RosaqQuantConfig:
-    """Check a checkpoint directory against its config without loading tensor data.
+def _check_index(model_dir: Path, found: Mapping[str, tuple[dict[str, Any], str]]) -> None:
+    """``model.safetensors.index.json``, if present, must map every tensor to the shard that holds it."""
+    path = model_dir / "model.safetensors.index.json"
+    if not path.is_file():
+        return
+    fix = "Re-copy the checkpoint (a shard may be missing) or re-quantize the model."
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (ValueError, RecursionError, AttributeError) as exc:
+        raise _fail(str(path), f"not a JSON object with a weight_map ({type(exc).__name__})", fix) from exc
+    if not isinstance(weight_map, dict):
+        raise _fail(f"weight_map in {path.name}", "not a JSON object", fix)
+    for name, file in weight_map.items():
+        if name not in found:
+            raise _fail(name, f"listed in {path.name} (in {file!r}) but missing from the checkpoint", fix)
+        if found[name][1] != file:
+            raise _fail(f"{name} in {found[name][1]}", f"{path.name} places it in {file!r}", fix)
+    unlisted = sorted(set(found) - set(weight_map))
+    if unlisted:
+        raise _fail(f"{unlisted[0]} in {found[unlisted[0]][1]}", f"not listed in {path.name}", fix)
+
+
+def check_tensor_values(name: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`CheckpointError` if a float tensor holds NaN or infinity."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise _fail(name, f"{bad} of {tensor.numel()} values are NaN or infinite",
+                    "The checkpoint is corrupt or was quantized from a diverged model; re-quantize it.")
+
+
+def validate_checkpoint(model_dir: str | Path, check_values: bool | None = None) -> RosaqQuantConfig:
+    """Check a checkpoint directory against its config, by default without loading tensor data.
 
     Every missing, extra, mis-shaped, wrongly-typed or truncated tensor raises :class:`CheckpointError`
-    naming the tensor and the fix.
+    naming the tensor and the fix. With ``check_values`` (default: environment ``ROSAQ_CHECK_VALUES=1``)
+    every tensor is also streamed once (safetensors ``safe_open``, one tensor in memory at a time) and
+    NaN / infinite floats and out-of-range zero points or salient indices are errors.
+
+    A directory with only pickle files (``*.bin``, ``*.pt``) is refused unless ``ROSAQ_ALLOW_PICKLE=1``;
+    then nothing can be checked before loading (ROSAQ never unpickles), a warning says so, and the
+    configuration alone is validated.
     """
     model_dir = Path(model_dir)
     hf_config, cfg = load_config(model_dir)
-    expected = expected_tensors(hf_config, cfg)
+    if pickle_allowed() and not any(model_dir.glob("*.safetensors")) and _pickle_files(model_dir):
+        warnings.warn(f"{model_dir}: ROSAQ_ALLOW_PICKLE=1 and only pickle files: ROSAQ does not unpickle, so the "
+                      "tensors are not checked before vLLM loads them (torch.load(weights_only=True)).",
+                      stacklevel=2)
+        for projection, (out_features, in_features) in linear_shapes(hf_config).items():
+            linear_tensor_specs(cfg, projection, out_features, in_features)
+        return cfg
     found: dict[str, tuple[dict[str, Any], str]] = {}
     for path in safetensors_files(model_dir):
         for name, entry in read_safetensors_header(path).items():
+            if name in found:
+                raise _fail(f"{name} in {path.name}", f"also stored in {found[name][1]}", "Re-quantize the model.")
             found[name] = (entry, path.name)
     fix = "The checkpoint does not match its config.json; re-run rosaq-quantize for this model."
+    last_layer = f"model.layers.{_config_int(hf_config, 'num_hidden_layers') - 1}.input_layernorm.weight"
+    if last_layer not in found:  # before listing every expected tensor of a (maybe absurd) layer count
+        raise _fail(last_layer, f"missing from the checkpoint (config.json num_hidden_layers is "
+                    f"{hf_config['num_hidden_layers']})", fix)
+    expected = expected_tensors(hf_config, cfg)
     for name, spec in expected.items():
         if name not in found:
             raise _fail(name, "missing from the checkpoint", fix)
@@ -384,7 +493,25 @@ def validate_checkpoint(model_dir: str | Path) -> RosaqQuantConfig:
     if extra:
         raise _fail(f"{extra[0]} in {found[extra[0]][1]}", "unexpected tensor (not part of this model's ROSAQ "
                     "format)", fix)
+    _check_index(model_dir, found)
+    if check_values if check_values is not None else os.environ.get("ROSAQ_CHECK_VALUES", "") == "1":
+        for path in safetensors_files(model_dir):
+            _check_values(path, cfg)
     return cfg
+
+
+def _check_values(path: Path, cfg: RosaqQuantConfig) -> None:
+    with safe_open(path, framework="pt") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            check_tensor_values(f"{name} in {path.name}", tensor)
+            if name.endswith(".qzeros") and tensor.numel() and int(tensor.max()) >= 2**cfg.bits:
+                raise _fail(f"{name} in {path.name}", f"zero point {int(tensor.max())} does not fit {cfg.bits} "
+                            "bits", "The checkpoint is corrupt; re-quantize it.")
+            if name.endswith(".salient_idx") and tensor.numel() and (
+                    int(tensor.min()) < 0 or bool((tensor.diff() <= 0).any())):
+                raise _fail(f"{name} in {path.name}", "indices are not strictly ascending and non-negative",
+                            "The checkpoint is corrupt; re-quantize it.")
 
 
 def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@ slice (their partial products are summed by the all-reduce like the rest).
 from collections.abc import Callable
 from typing import Any
 
+import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
 import torch
+from rosaq_kernels.packing import packed_width
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
@@ -21,9 +23,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
-from rosaq_kernels.packing import packed_width
-from rosaq_vllm.checkpoint import CheckpointError, RosaqQuantConfig
+from rosaq_vllm.checkpoint import CheckpointError, RosaqQuantConfig, check_tensor_values
 
 _REPLICATED = ("salient_idx", "rot")
 _FIX = "Re-quantize the model with rosaq-quantize, or check that the checkpoint matches its config.json."
@@ -48,12 +48,13 @@ class RosaqLinearMethod(LinearMethodBase):
         return CheckpointError(f"{self.prefix}.{name}: {problem}. {fix}")
 
     def _checked_loader(self, layer: torch.nn.Module, name: str, loader: Callable) -> Callable:
-        """Wrap vLLM's loader: check dtype and shape, and count the loads of ``name``."""
+        """Wrap vLLM's loader: check dtype, shape and finite values, and count the loads of ``name``."""
 
         def load(param: BasevLLMParameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
             where = name if shard_id is None else f"{name} (shard {shard_id})"
             if loaded.dtype != param.dtype:
                 raise self._error(where, f"dtype {loaded.dtype}, expected {param.dtype}")
+            check_tensor_values(f"{self.prefix}.{where}", loaded)  # the data is in memory here anyway
             if name in _REPLICATED and layer.rosaq_loaded[name] and not torch.equal(param.data, loaded):
                 raise self._error(where, f"differs between {self.projections}, which share one input")
             try:
@@ -129,6 +130,9 @@ class RosaqLinearMethod(LinearMethodBase):
         idx = layer.salient_idx.data.long()
         if idx.numel() and (idx.min() < 0 or idx.max() >= layer.rosaq_input_size or (idx.diff() <= 0).any()):
             raise self._error("salient_idx", f"indices must be ascending and in [0, {layer.rosaq_input_size})")
+        if layer.qzeros.numel() and int(layer.qzeros.data.max()) >= 2**self.quant_config.bits:
+            raise self._error("qzeros", f"zero point {int(layer.qzeros.data.max())} does not fit "
+                              f"{self.quant_config.bits} bits")
         in_local = layer.scales.shape[1] * self.quant_config.group_size
         local = (idx >= layer.rosaq_input_offset) & (idx < layer.rosaq_input_offset + in_local)
         salient_idx = (idx[local] - layer.rosaq_input_offset).to(torch.int32)

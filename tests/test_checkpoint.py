@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from rosaq_vllm.checkpoint import (
     CheckpointError,
-    atomic_output_dir,
     RosaqQuantConfig,
+    atomic_output_dir,
     load_tensors,
     validate_checkpoint,
 )

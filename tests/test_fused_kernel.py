@@ -1,9 +1,14 @@
 """The fused Triton ROSAQ linear against the torch reference, on CPU through Triton's interpreter.
 
-``TRITON_INTERPRET=1`` is set before triton is imported, so this runs in CI without a GPU. Every case
-draws fresh random weights, codes, zero points, salient channels and activations (never zeros), writes
-into an output buffer poisoned with NaN, and compares with ``rosaq_linear_reference`` fed float64
-inputs (it computes in float32, far below the tolerances here) by ‖y − ref‖ / ‖ref‖.
+``TRITON_INTERPRET=1`` must be set before triton is first imported (triton decides at import time
+whether its own library functions, ``tl.zeros`` and the like, are interpreted). This module sets it;
+when something imported triton earlier in the same process (a conftest importing transformers does),
+the cases here skip and ``test_cases_in_fresh_interpreter_process`` runs this file again in a
+subprocess with the variable set from the start (and without the conftest). So it runs in CI without
+a GPU either way. Every case draws fresh random weights, codes, zero points, salient channels and
+activations (never zeros), writes into an output buffer poisoned with NaN, and compares with
+``rosaq_linear_reference`` fed float64 inputs (it computes in float32, far below the tolerances here)
+by ‖y − ref‖ / ‖ref‖.
 
 Known limit of the interpreter (triton 3.9): bf16 arithmetic and bf16 ``tl.dot`` are computed on the raw
 bits, and fp32 → bf16 conversion truncates. The kernel therefore runs its bf16 weight tiles in fp32
@@ -12,7 +17,11 @@ and the bf16 tolerance allows for truncated rounding.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -26,6 +35,30 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 from rosaq_kernels.packing import pack  # noqa: E402
 from rosaq_kernels.reference import rosaq_linear_reference  # noqa: E402
+
+late = pytest.mark.skipif(
+    _LATE, reason="triton was imported before TRITON_INTERPRET=1 could be set; run in a fresh process below"
+)
+
+
+@pytest.mark.skipif(not _LATE, reason="this process interprets already; the cases run directly")
+def test_cases_in_fresh_interpreter_process():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "--noconftest",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__)),
+    ]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
 
@@ -83,6 +116,7 @@ _CASES += [
 ]
 
 
+@late
 @pytest.mark.parametrize("M,K,N,bits,S,B,dtype", _CASES)
 def test_fused_matches_reference(M, K, N, bits, S, B, dtype):
     gen = torch.Generator().manual_seed(hash((M, K, N, bits, S, B, str(dtype))) % 2**31)
@@ -93,6 +127,7 @@ def test_fused_matches_reference(M, K, N, bits, S, B, dtype):
     _check(y, _reference64(*args, bits, 128), dtype)
 
 
+@late
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (4, 32)])
 def test_prepared_layout_and_group_sizes(bits, group_size):
     gen = torch.Generator().manual_seed(1000 + bits * 100 + group_size)
@@ -102,7 +137,8 @@ def test_prepared_layout_and_group_sizes(bits, group_size):
     )
     prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot)
     # Same logical tensors, column-major storage.
-    assert torch.equal(prepared["qweight"], qweight) and prepared["qweight"].stride() == (1, N)
+    assert torch.equal(prepared["qweight"], qweight) and torch.equal(prepared["qzeros"], qzeros)
+    assert torch.equal(prepared["scales"], scales) and prepared["scales"].stride() == (1, N)
     assert torch.equal(prepared["salient_weight"], sw) and prepared["rot"].dtype == torch.float16
     out = torch.full((M, N), float("nan"), dtype=torch.float16)
     y = fused_linear(x, prepared, bits, group_size, out=out)
@@ -112,6 +148,7 @@ def test_prepared_layout_and_group_sizes(bits, group_size):
     _check(y, ref, torch.float16)
 
 
+@late
 def test_rejects_bad_shapes():
     gen = torch.Generator().manual_seed(7)
     x, qweight, scales, qzeros, sidx, sw, _ = _random_layer(gen, 2, 256, 64, 4, 16, 0, torch.float16)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from rosaq_kernels.packing import pack, packed_width, unpack
+from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
 
 from offline_quantizer.quantize import quantize_groups, quantize_linear
 from offline_quantizer.saliency import select_salient
-from rosaq_kernels.packing import pack, packed_width, unpack
-from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from rosaq_kernels.reference import rotate_blocks
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from offline_quantizer.adapters import DecoderAdapter
 from offline_quantizer.pipeline import QuantizeOptions, RotatedLinear, rotate_model
-from rosaq_kernels.reference import rotate_blocks
 
 
 class _RotatedFloatLinear(nn.Module):

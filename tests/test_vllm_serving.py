@@ -42,8 +42,8 @@ def test_served_greedy_tokens_match_reference(tiny_checkpoint, arch: str, args: 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     prompt_ids = tokenizer("The little cat walks to the garden").input_ids
     messages = [{"role": "user", "content": "What does the dog like?"}]
-    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    chat_ids = list(chat_ids["input_ids"] if isinstance(chat_ids, dict) else chat_ids)
+    chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer(chat_text, add_special_tokens=False).input_ids
     with openai_server(checkpoint, *args, env=env) as base_url:
         client = OpenAI(base_url=base_url, api_key="unused")
         completion = client.completions.create(

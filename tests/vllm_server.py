@@ -17,6 +17,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server's whole process group (API server, engine core, workers)."""
+    for sig, wait_s in ((15, 60), (9, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @contextmanager
 def openai_server(model: Path, *extra_args: str, env: dict[str, str] | None = None,
                   timeout_s: float = 600) -> Iterator[str]:
@@ -45,9 +59,4 @@ def openai_server(model: Path, *extra_args: str, env: dict[str, str] | None = No
                 time.sleep(2)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+            _stop(proc)

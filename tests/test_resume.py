@@ -1,0 +1,59 @@
+"""An interrupted quantization publishes nothing and resumes to a byte-identical checkpoint."""
+
+from pathlib import Path
+
+import pytest
+
+from offline_quantizer.pipeline import QuantizeOptions, quantize_checkpoint
+from offline_quantizer.workdir import WorkDir
+from tests.tiny_models import calibration_corpus
+
+OPTS = QuantizeOptions(group_size=32, salient=16, block_size=64)
+
+
+def _quantize(model: Path, out: Path, **kwargs) -> Path:
+    return quantize_checkpoint(model, out, calibration_corpus(), OPTS, num_samples=8, seq_len=64, batch_size=4,
+                               **kwargs)
+
+
+def test_interrupt_then_resume_is_byte_identical(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model_dir("qwen2")
+    reference = _quantize(model, tmp_path / "reference")
+
+    save_layer = WorkDir.save_layer
+
+    def save_then_interrupt(self: WorkDir, index: int, tensors) -> None:
+        save_layer(self, index, tensors)
+        raise KeyboardInterrupt  # what Ctrl-C (SIGINT) raises mid-run
+
+    monkeypatch.setattr(WorkDir, "save_layer", save_then_interrupt)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(model, out)
+    assert not out.exists()
+    work = tmp_path / ".resumed.work"
+    assert {p.name for p in work.iterdir()} == {"layer-00000.safetensors", "residual_basis.safetensors",
+                                                "state.json"}
+
+    monkeypatch.setattr(WorkDir, "save_layer", save_layer)
+    resumed_layers = []
+    load_layer = WorkDir.load_layer
+    monkeypatch.setattr(WorkDir, "load_layer", lambda self, i: resumed_layers.append(i) or load_layer(self, i))
+    _quantize(model, out, resume=True)
+    assert resumed_layers == [0]
+    assert not work.exists()
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+def test_resume_refuses_a_work_dir_of_another_run(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    def interrupt(self: WorkDir, index: int, tensors) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkDir, "save_layer", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tiny_model_dir("llama"), tmp_path / "ckpt")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="other options"):
+        quantize_checkpoint(tiny_model_dir("llama"), tmp_path / "ckpt", calibration_corpus(),
+                            QuantizeOptions(bits=3, group_size=32, salient=16, block_size=64),
+                            num_samples=8, seq_len=64, batch_size=4, resume=True)
