@@ -108,7 +108,7 @@ def make_rosaq(K, N, bits, S, B, gen):
     rot = torch.linalg.qr(torch.randn(K // B, B, B, generator=gen, device="cuda"))[0] if B else None
     qweight = pack(codes, bits)
     del codes
-    return prepare_weights(qweight, scales, qzeros, sidx, sw, rot)
+    return prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits)
 
 
 def rosaq_bytes(M, K, N, bits, S, B):
@@ -161,9 +161,7 @@ class VllmKernels:
         wq_m = self.ops.machete_prepack_B(
             wq.t().contiguous().t(), a_type=w.dtype, b_type=self.wt, group_scales_type=w.dtype
         )
-        return lambda a: self.ops.machete_mm(
-            a=a, b_q=wq_m, b_type=self.wt, b_group_scales=wsc, b_group_size=GROUP
-        )
+        return lambda a: self.ops.machete_mm(a=a, b_q=wq_m, b_type=self.wt, b_group_scales=wsc, b_group_size=GROUP)
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -187,7 +185,7 @@ def bench(models, ms, vk, bw, out_lines):
                 S = salient_count(K, frac)
                 base = make_rosaq(K, N, bits, S, B, gen)
                 copies = [base] + [
-                    {k: (None if v is None else v.clone()) for k, v in base.items()}
+                    {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
                     for _ in range(n_copies(rosaq_bytes(1, K, N, bits, S, B)) - 1)
                 ]
                 fns[f"rosaq-w{bits}-s{round(frac * 100)}"] = [
@@ -230,8 +228,7 @@ def bench(models, ms, vk, bw, out_lines):
                 r.append(f"{tot[base] / tot[best]:.2f}×" if base in tot else "skipped")
             out_lines.append(f"| {M} | " + " | ".join(cells) + " | " + " | ".join(r) + " |")
         out_lines.append(
-            f"\n### {model}: per layer, achieved TB/s on the bytes that must move (% of the {bw:.2f} TB/s "
-            "copy floor)\n"
+            f"\n### {model}: per layer, achieved TB/s on the bytes that must move (% of the {bw:.2f} TB/s copy floor)\n"
         )
         out_lines.append("| M | " + " | ".join(methods) + " |")
         out_lines.append("|---" * (len(methods) + 1) + "|")
@@ -252,8 +249,7 @@ def bench(models, ms, vk, bw, out_lines):
     if "llama2-7b" in models:
         out_lines.append("\n### Llama-2-7B layer vs the issue's anchors and targets (µs)\n")
         out_lines.append(
-            "| M | fp16 (anchor) | Marlin (anchor) | Machete (anchor) | target "
-            "| best ROSAQ W4 | best ROSAQ W3 |"
+            "| M | fp16 (anchor) | Marlin (anchor) | Machete (anchor) | target | best ROSAQ W4 | best ROSAQ W3 |"
         )
         out_lines.append("|---|---|---|---|---|---|---|")
         names = list(MODELS["llama2-7b"])
@@ -293,9 +289,7 @@ def sweep(out_lines, table_path):
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     shapes = MODELS["llama2-7b"]
-    out_lines.append(
-        "\n### Config sweep (Llama-2-7B shapes, S = 1%), µs per layer (sum of the four linears)\n"
-    )
+    out_lines.append("\n### Config sweep (Llama-2-7B shapes, S = 1%), µs per layer (sum of the four linears)\n")
     tables = {}
     for bits in (4, 3):
         layers = {}
@@ -304,7 +298,7 @@ def sweep(out_lines, table_path):
             B = ROT_BLOCK.get(name, 0)
             base = make_rosaq(K, N, bits, S, B, gen)
             cp = [base] + [
-                {k: (None if v is None else v.clone()) for k, v in base.items()}
+                {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
                 for _ in range(n_copies(rosaq_bytes(1, K, N, bits, S, B)) - 1)
             ]
             layers[name] = (K, N, cp)
@@ -372,9 +366,7 @@ def main() -> int:
     if not args.no_vllm:
         try:
             vk = VllmKernels()
-            vllm_note = (
-                f"vLLM {vk.version}: Marlin (apply_gptq_marlin_linear) and Machete (machete_mm), uint4b8 g128"
-            )
+            vllm_note = f"vLLM {vk.version}: Marlin (apply_gptq_marlin_linear) and Machete (machete_mm), uint4b8 g128"
         except Exception as exc:
             vllm_note = f"SKIPPED: vLLM not importable ({type(exc).__name__}: {exc})"
     bw = hbm_copy_bandwidth()
@@ -382,14 +374,11 @@ def main() -> int:
     rate = fp16_matmul_rate()
     lines.append(f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='minutes')}")
     lines.append(
-        f"- GPU: {torch.cuda.get_device_name()} "
-        f"({torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
+        f"- GPU: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
     )
     lines.append(f"- torch {torch.__version__}, triton {triton.__version__}; baselines: {vllm_note}")
     lines.append(f"- command: python {' '.join(sys.argv)}")
-    lines.append(
-        f"- HBM copy bandwidth (read + write, 2 GiB, this run): {bw:.2f} TB/s (the floor used below)"
-    )
+    lines.append(f"- HBM copy bandwidth (read + write, 2 GiB, this run): {bw:.2f} TB/s (the floor used below)")
     lines.append(f"- HBM read-only bandwidth (fp32 sum of 2 GiB, this run): {bw_read:.2f} TB/s")
     lines.append(f"- fp16 matmul 8192³ (this run): {rate:.0f} TFLOP/s")
     lines.append(

@@ -70,7 +70,7 @@ def main() -> int:
             B = ROT_BLOCK.get(name, 0)
             layer = make_layer(K, N, bits, S, B, gen)
             qweight, scales, qzeros, sidx, sw, _ = layer
-            prepared = prepare_weights(*layer)
+            prepared = prepare_weights(*layer, bits=bits)
             rot_used = prepared["rot"]  # fp16-rounded rotation: the logical weight now
             W = dequantize(qweight, scales, qzeros, bits, GROUP)
             for M in ms:
@@ -99,6 +99,18 @@ def main() -> int:
             line = (
                 f"{'ok ' if ok else 'FAIL'} W{bits} {name:8s} torch.ops.rosaq.linear, checkpoint layout, "
                 f"M=16 err={err:.2e}"
+            )
+            print(line, flush=True)
+            if not ok:
+                failures.append(line)
+            # The op of the prepared layout (INT3: bit-plane regrouped), bf16, M=64.
+            x = torch.randn(64, K, generator=gen, device="cuda", dtype=torch.bfloat16)
+            args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
+            y = torch.ops.rosaq.linear_prepared(x, *args, bits, GROUP, prepared["int3_planar"])
+            err = rel_err(y, reference(x, W, sidx, sw, rot_used))
+            ok = err < TOL[torch.bfloat16] and not torch.isnan(y).any().item()
+            line = (
+                f"{'ok ' if ok else 'FAIL'} W{bits} {name:8s} torch.ops.rosaq.linear_prepared M=64 bf16 err={err:.2e}"
             )
             print(line, flush=True)
             if not ok:

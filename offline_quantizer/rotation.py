@@ -10,7 +10,8 @@ from torch import nn
 
 
 class BlockSecondMoment:
-    """Running block-diagonal second moment ``Σ xᵀx`` (float64) of a ``dim``-wide activation.
+    """Running block-diagonal second moment ``Σ xᵀx`` of a ``dim``-wide activation (float32 products per
+    batch, accumulated in float64), and the peak magnitude ``max |x_i|`` of every channel.
 
     ``block == dim`` keeps the full matrix, ``block == 1`` only its diagonal.
     """
@@ -20,12 +21,19 @@ class BlockSecondMoment:
             raise ValueError(f"block {block} does not divide dim {dim}")
         self.block = block
         self.sum = torch.zeros(dim // block, block, block, dtype=torch.float64, device=device)
+        self.peak = torch.zeros(dim, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate activations ``x [..., dim]``."""
-        xb = x.reshape(-1, self.sum.shape[0], self.block).to(self.sum.device, torch.float64)
-        self.sum += torch.einsum("tni,tnj->nij", xb, xb)
+        xb = x.reshape(-1, self.sum.shape[0], self.block).to(self.sum.device, torch.float32)
+        if self.block == 1:
+            batch_sum = xb.square().sum(0).unsqueeze(-1)
+        else:
+            blocks = xb.transpose(0, 1)  # [nb, T, B]
+            batch_sum = torch.bmm(blocks.transpose(1, 2), blocks)
+        self.sum += batch_sum.to(torch.float64)  # float32 per batch, float64 across batches
+        self.peak = torch.maximum(self.peak, xb.abs().reshape(-1, self.peak.numel()).amax(0))
         self.count += xb.shape[0]
 
     def mean(self) -> torch.Tensor:
@@ -39,20 +47,30 @@ class BlockSecondMoment:
         return torch.diagonal(self.mean(), dim1=-2, dim2=-1).reshape(-1)
 
 
-def pca_basis(moment: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+def pca_basis(moment: torch.Tensor, damping: float = 0.01, keep_axis: torch.Tensor | None = None) -> torch.Tensor:
     """Eigenvectors of damped (batched) second moments, columns in descending eigenvalue order.
 
     Args:
         moment: float64 ``[..., d, d]`` symmetric positive semi-definite.
         damping: added to the diagonal as a fraction of its mean (SliceGPT's recipe).
+        keep_axis: optional bool ``[..., d]``: channels that keep their own axis (the basis is the
+            identity there and the PCA of the other channels elsewhere), e.g. massive-activation channels.
     Returns:
-        float64 ``[..., d, d]`` orthogonal ``R`` with ``Rᵀ·moment·R`` diagonal and decreasing.
+        float64 ``[..., d, d]`` orthogonal ``R``; without ``keep_axis``, ``Rᵀ·moment·R`` is diagonal and decreasing.
     """
     d = moment.shape[-1]
     eye = torch.eye(d, dtype=moment.dtype, device=moment.device)
     diag_mean = torch.diagonal(moment, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    _, vecs = torch.linalg.eigh(moment + damping * diag_mean * eye)
-    return vecs.flip(-1)
+    damped = moment + damping * diag_mean * eye
+    if keep_axis is None or not keep_axis.any():
+        return torch.linalg.eigh(damped)[1].flip(-1)
+    flat_moment, flat_keep = damped.reshape(-1, d, d), keep_axis.reshape(-1, d)
+    bases = eye.repeat(flat_moment.shape[0], 1, 1)
+    for block, (h, keep) in enumerate(zip(flat_moment, flat_keep, strict=True)):
+        rest = torch.nonzero(~keep).flatten()
+        if rest.numel():
+            bases[block, rest.unsqueeze(1), rest.unsqueeze(0)] = torch.linalg.eigh(h[rest][:, rest])[1].flip(-1)
+    return bases.reshape(moment.shape)
 
 
 def rotated_energy(moment: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -305,8 +305,23 @@ def _is_float_slot(name: str) -> bool:
     return not name.endswith((".qweight", ".scales", ".qzeros", ".salient_idx", ".salient_weight", ".rot"))
 
 
-def _is_uint(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+#: Header size limit of the safetensors library.
+_MAX_HEADER_BYTES = 100_000_000
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _is_u64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def _nbytes(shape: list[int], dtype: str) -> int | None:
+    """Bytes of a tensor, or ``None`` where the safetensors library's u64 arithmetic would overflow."""
+    count = _ST_ITEMSIZE[dtype]
+    for dim in shape:
+        count *= dim
+        if count >= 2**64:
+            return None
+    return count
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -324,7 +339,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             if len(head) < 8:
                 raise _fail(str(path), "file is too short to be safetensors", fix)
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100 * 1024**2):
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
                 raise _fail(str(path), "corrupt or truncated safetensors header (its length field points beyond "
                              "the file)", fix)
             raw = f.read(header_len)
@@ -333,8 +348,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     if not raw.startswith(b"{"):
         raise _fail(str(path), "corrupt safetensors header (not a JSON object)", fix)
     try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise _fail(str(path), f"corrupt safetensors header ({type(exc).__name__})", fix) from exc
     if not isinstance(header, dict):
         raise _fail(str(path), "corrupt safetensors header (not a JSON object)", fix)
@@ -346,21 +361,21 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     spans = []
     for name, entry in header.items():
         where = f"{name} in {path.name}"
-        if not isinstance(entry, dict):
-            raise _fail(where, "corrupt header entry (not a JSON object)", fix)
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+            raise _fail(where, f"corrupt header entry (not an object with keys {sorted(_ENTRY_KEYS)})", fix)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
             raise _fail(where, f"corrupt header entry (unknown dtype {dtype!r})", fix)
-        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
             raise _fail(where, f"corrupt header entry (shape {shape!r} is not a list of sizes)", fix)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise _fail(where, f"corrupt header entry (data_offsets {offsets!r})", fix)
         begin, end = offsets
         if end > data_size:
             raise _fail(where, f"data ends at byte {end} but the file holds {data_size} bytes of data "
                         "(truncated or corrupt file)", fix)
-        if end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+        if end - begin != _nbytes(shape, dtype):
             raise _fail(where, f"{end - begin} data bytes do not hold a {dtype} tensor of shape {tuple(shape)}",
                         fix)
         spans.append((begin, end, name))

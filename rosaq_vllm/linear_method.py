@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from rosaq_vllm.checkpoint import CheckpointError, RosaqQuantConfig, check_tensor_values
+from rosaq_vllm.checkpoint import SALIENT_MULTIPLE, CheckpointError, RosaqQuantConfig, check_tensor_values
 
 _REPLICATED = ("salient_idx", "rot")
 _FIX = "Re-quantize the model with rosaq-quantize, or check that the checkpoint matches its config.json."
@@ -137,21 +137,33 @@ class RosaqLinearMethod(LinearMethodBase):
         local = (idx >= layer.rosaq_input_offset) & (idx < layer.rosaq_input_offset + in_local)
         salient_idx = (idx[local] - layer.rosaq_input_offset).to(torch.int32)
         salient_weight = layer.salient_weight.data[:, local]
-        for name, data in (("qweight", layer.qweight.data), ("scales", layer.scales.data),
-                           ("qzeros", layer.qzeros.data), ("salient_idx", salient_idx),
-                           ("salient_weight", salient_weight)):
-            setattr(layer, name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
-        if "rot" in layer.rosaq_loaded:
-            layer.rot = torch.nn.Parameter(layer.rot.data.contiguous(), requires_grad=False)
-        else:
-            layer.rot = None
+        # Pad this rank's salient channels to whole 16-channel tiles (index 0 with zero weight adds 0).
+        pad = -salient_idx.numel() % SALIENT_MULTIPLE
+        salient_idx = torch.cat([salient_idx, salient_idx.new_zeros(pad)])
+        salient_weight = torch.cat([salient_weight, salient_weight.new_zeros(salient_weight.shape[0], pad)], dim=1)
+        tensors = {"qweight": layer.qweight.data, "scales": layer.scales.data, "qzeros": layer.qzeros.data,
+                   "salient_idx": salient_idx, "salient_weight": salient_weight,
+                   "rot": layer.rot.data if "rot" in layer.rosaq_loaded else None}
         del layer.rosaq_loaded
+        self.use_triton = layer.qweight.is_cuda
+        if self.use_triton:  # the fused Triton kernel's layout (rosaq_kernels.fused_linear.prepare_weights)
+            from rosaq_kernels.fused_linear import prepare_weights
+
+            prepared = prepare_weights(**tensors, bits=self.quant_config.bits, rot_dtype=layer.rosaq_params_dtype)
+            self.int3_planar = prepared.pop("int3_planar")
+            tensors = prepared
+        for name, data in tensors.items():
+            value = None if data is None else torch.nn.Parameter(data, requires_grad=False)
+            setattr(layer, name, value)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        y = torch.ops.rosaq.linear(flat, layer.qweight, layer.scales, layer.qzeros, layer.salient_idx,
-                                   layer.salient_weight, layer.rot, self.quant_config.bits,
-                                   self.quant_config.group_size)
+        args = (flat, layer.qweight, layer.scales, layer.qzeros, layer.salient_idx, layer.salient_weight, layer.rot,
+                self.quant_config.bits, self.quant_config.group_size)
+        if self.use_triton:
+            y = torch.ops.rosaq.linear_prepared(*args, self.int3_planar)
+        else:
+            y = torch.ops.rosaq.linear(*args)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

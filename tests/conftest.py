@@ -1,10 +1,15 @@
 """Session fixtures: tiny random models (built locally, nothing downloaded) and their ROSAQ checkpoints."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.tiny_models import calibration_corpus, make_tiny_model
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU (must be set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.tiny_models import calibration_corpus, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,13 @@ import torch  # noqa: E402
 
 try:
     import triton  # noqa: F401
-    from rosaq_kernels.fused_linear import fused_linear, prepare_weights, rosaq_fused_linear  # noqa: E402
+    from rosaq_kernels.fused_linear import (  # noqa: E402
+        fused_linear,
+        int3_from_planar,
+        int3_to_planar,
+        prepare_weights,
+        rosaq_fused_linear,
+    )
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton (interpreter) unavailable: {exc!r}", allow_module_level=True)
 
@@ -104,9 +110,7 @@ def _check(y, ref, dtype):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CASES = []
 for _i, (_bits, _dt, _B) in enumerate((b, d, r) for b in (4, 3) for d in _DTYPES for r in (0, 64, 256)):
-    _CASES.append(
-        ((1, 5, 33)[_i % 3], 256, (64, 96)[_i % 2], _bits, (0, 16, 32)[(_i // 3 + _i) % 3], _B, _dt)
-    )
+    _CASES.append(((1, 5, 33)[_i % 3], 256, (64, 96)[_i % 2], _bits, (0, 16, 32)[(_i // 3 + _i) % 3], _B, _dt))
 # Split-K with an uneven last split and salient tiles dealt over the splits; the large-M bucket.
 _CASES += [
     (5, 1024, 64, 4, 32, 0, torch.float16),
@@ -128,24 +132,34 @@ def test_fused_matches_reference(M, K, N, bits, S, B, dtype):
 
 
 @late
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (4, 32)])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (4, 32), (3, 128)])
 def test_prepared_layout_and_group_sizes(bits, group_size):
     gen = torch.Generator().manual_seed(1000 + bits * 100 + group_size)
     M, K, N, S = 3, 256, 64, 16
-    x, qweight, scales, qzeros, sidx, sw, rot = _random_layer(
-        gen, M, K, N, bits, S, 64, torch.float16, group_size
-    )
-    prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot)
-    # Same logical tensors, column-major storage.
-    assert torch.equal(prepared["qweight"], qweight) and torch.equal(prepared["qzeros"], qzeros)
+    x, qweight, scales, qzeros, sidx, sw, rot = _random_layer(gen, M, K, N, bits, S, 64, torch.float16, group_size)
+    prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits)
+    assert prepared["int3_planar"] == (bits == 3)
+    qw = int3_from_planar(prepared["qweight"]) if bits == 3 else prepared["qweight"]
+    assert torch.equal(qw, qweight) and torch.equal(prepared["qzeros"], qzeros)
     assert torch.equal(prepared["scales"], scales) and prepared["scales"].stride() == (1, N)
     assert torch.equal(prepared["salient_weight"], sw) and prepared["rot"].dtype == torch.float16
-    out = torch.full((M, N), float("nan"), dtype=torch.float16)
-    y = fused_linear(x, prepared, bits, group_size, out=out)
     ref = _reference64(
         x, qweight, scales, qzeros, sidx, sw, prepared["rot"].float(), bits, group_size
     )  # the prepared (fp16-rounded) rotation is the weight now
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    _check(fused_linear(x, prepared, bits, group_size, out=out), ref, torch.float16)
+    # The op of the prepared layout (on CPU: the reference after undoing the INT3 regrouping).
+    args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
+    y = torch.ops.rosaq.linear_prepared(x, *args, bits, group_size, prepared["int3_planar"])
     _check(y, ref, torch.float16)
+
+
+def test_int3_planar_roundtrip():
+    codes = torch.randint(0, 8, (5, 96), generator=torch.Generator().manual_seed(3))
+    packed = pack(codes, 3)
+    planar = int3_to_planar(packed)
+    assert planar.shape == packed.shape and not torch.equal(planar, packed)
+    assert torch.equal(int3_from_planar(planar), packed)
 
 
 @late

@@ -1,0 +1,148 @@
+"""Accuracy experiment driver (issue 5): perplexity vs average bits for fp16, RTN, original-space saliency,
+ROSAQ (absorbed / per-layer), GPTQ-style rounding, llm-compressor AWQ/GPTQ, and the served-model check.
+
+Stages (each caches its rows in ``--results``, so re-runs skip finished rows):
+  grid    ROSAQ/RTN/original-space grid through ``offline_quantizer.accuracy.run_grid``
+  llmc    llm-compressor AWQ and GPTQ (run by ``benchmarks/llmc_baseline.py`` in ``--llmc-python``'s venv)
+  served  perplexity of a ROSAQ checkpoint through vLLM's OpenAI server (prompt logprobs) vs offline
+  report  tables + plot into docs/accuracy.md (see ``benchmarks/accuracy_report.py``)
+
+Calibration: C4 sample (assets.calibration_text). Evaluation: Wikipedia sample (assets.heldout_text) and
+WikiText-2 test (read from ../shared; benchmarks only). The two are disjoint from the calibration text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from offline_quantizer import assets  # noqa: E402
+from offline_quantizer.accuracy import GridPoint, load_results, run_grid  # noqa: E402
+
+logger = logging.getLogger("eval_accuracy")
+WIKITEXT = Path(os.environ.get("ROSAQ_WIKITEXT", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+
+#: per model: directory function, group size (SmolLM2: 576 inputs are not divisible by 128 -> g64)
+MODELS = {
+    "smollm2": (assets.default_model_dir, 64),
+    "qwen": (assets.qwen_coder_model_dir, 128),
+}
+
+
+def model_dir(name: str) -> Path:
+    return MODELS[name][0]() if name in MODELS else Path(name)
+
+
+def eval_texts(tokenizer_dir: Path, names: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = {}
+    for name in names:
+        if name == "wiki":
+            text = assets.heldout_text()[: max_tokens * 8]
+        elif name == "wt2":
+            text = WIKITEXT.read_text(encoding="utf-8").replace("\r\n", "\n")[: max_tokens * 8]
+        else:
+            raise ValueError(name)
+        texts[name] = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+    return texts
+
+
+def grid_points(rotations: list[str], bits: list[int], group_size: int, salient: list[float],
+                gptq: list[bool]) -> list[GridPoint]:
+    points = []
+    for rotation in rotations:
+        for b in bits:
+            for k in salient:
+                for g in gptq:
+                    points.append(GridPoint(rotation, b, group_size, k, g))
+    return points
+
+
+def stage_grid(args: argparse.Namespace) -> None:
+    directory = model_dir(args.model)
+    group_size = args.group_size or MODELS.get(args.model, (None, 128))[1]
+    texts = eval_texts(directory, args.texts, args.max_tokens)
+    gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
+    points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq)
+    run_grid(directory, points, texts, Path(args.results), assets.calibration_text(), args.num_samples,
+             args.seq_len, args.context, device=args.device, batch_size=args.batch_size)
+
+
+def stage_llmc(args: argparse.Namespace) -> None:
+    directory = model_dir(args.model)
+    group_size = args.group_size or MODELS.get(args.model, (None, 128))[1]
+    calib = Path(args.work) / "calibration.txt"
+    calib.parent.mkdir(parents=True, exist_ok=True)
+    calib.write_text(assets.calibration_text(), encoding="utf-8")
+    texts = eval_texts(directory, args.texts, args.max_tokens)
+    for method in args.methods:
+        for b in args.bits:
+            out = Path(args.work) / f"{args.model}-{method}-w{b}g{group_size}"
+            cmd = [args.llmc_python, str(REPO / "benchmarks/llmc_baseline.py"), str(directory), str(out),
+                   "--method", method, "--bits", str(b), "--group-size", str(group_size), "--calib-file",
+                   str(calib), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+                   "--device", args.device]
+            logger.info("%s", " ".join(cmd))
+            result = subprocess.run(cmd, cwd="/tmp", check=False)
+            if result.returncode != 0 or not (out / "bits.json").is_file():
+                logger.error("llm-compressor %s W%d failed (exit %d)", method, b, result.returncode)
+                continue
+            extra = {f"llmc-{method}|w{b}g{group_size}": (out / "dequantized",
+                                                          json.loads((out / "bits.json").read_text()))}
+            run_grid(directory, [], texts, Path(args.results), "", args.num_samples, args.seq_len, args.context,
+                     device=args.device, batch_size=args.batch_size, include_fp=False, extra_models=extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("grid", "llmc", "served", "report"))
+    parser.add_argument("--model", default="smollm2", help="smollm2, qwen or a HF model directory")
+    parser.add_argument("--results", default="bench_runs/accuracy-smollm2.json")
+    parser.add_argument("--texts", nargs="+", default=["wiki", "wt2"])
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rotations", nargs="+", default=["none", "absorbed", "per-layer"])
+    parser.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    parser.add_argument("--salient", nargs="+", type=float, default=[0, 0.01, 0.03])
+    parser.add_argument("--group-size", type=int, default=0, help="0: the model's default (SmolLM2 64, else 128)")
+    parser.add_argument("--gptq", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
+    parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
+    parser.add_argument("--work", default="bench_runs/llmc")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if args.stage == "grid":
+        stage_grid(args)
+    elif args.stage == "llmc":
+        stage_llmc(args)
+    elif args.stage == "served":
+        from benchmarks.served_check import served_check
+
+        served_check(args)
+    else:
+        from benchmarks.accuracy_report import write_report
+
+        write_report(load_results, REPO)
+
+
+if __name__ == "__main__":
+    main()

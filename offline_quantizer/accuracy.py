@@ -1,0 +1,252 @@
+"""Accuracy sweeps: calibrate and rotate once per rotation mode, quantize at many (bits, K, rounding) points,
+and measure perplexity on held-out text, caching every row in a JSON file so re-runs skip finished rows.
+
+A row's quantized model is built from exactly the tensors ``rosaq-quantize`` would write (same rotation,
+salient selection, grid and packing); it is evaluated with dense effective weights
+(:func:`evaluate.model_from_tensors` with ``dense=True``), which computes the checkpoint's function up to
+float32 rounding. Average bits per weight are counted from those tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from offline_quantizer.calibration import token_batches
+from offline_quantizer.evaluate import model_from_tensors, token_nll
+from offline_quantizer.gptq import gptq_quantize_linear
+from offline_quantizer.pipeline import (
+    QuantizeOptions,
+    RotatedLinear,
+    _hf_dtype,
+    _is_dense,
+    prepare_model,
+    rotate_layers,
+)
+from offline_quantizer.quantize import quantize_linear
+from offline_quantizer.saliency import select_salient
+from rosaq_vllm.checkpoint import QUANTIZED_LINEARS, RosaqQuantConfig, projection_prefix
+
+logger = logging.getLogger(__name__)
+
+FP_ROW = "fp16"
+#: per-position NLL bins reported: predictions of window positions [lo, hi)
+POSITION_BINS = ((1, 2), (2, 4), (4, 16), (16, 128), (128, None))
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One quantized configuration. ``salient``: fraction (< 1) or count, as ``--salient``."""
+
+    rotation: str
+    bits: int
+    group_size: int
+    salient: float
+    gptq: bool = False
+
+    @property
+    def key(self) -> str:
+        k = f"{self.salient:g}"
+        return f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
+
+
+@dataclass
+class RotatedModel:
+    """A model folded, calibrated and rotated, every projection in its final basis, not yet quantized."""
+
+    hf_config: dict
+    dense: dict[str, torch.Tensor]
+    linears: dict[str, RotatedLinear] = field(default_factory=dict)
+    rotation: str = "absorbed"
+    block_size: int = 128
+    damping: float = 0.01
+
+
+@torch.no_grad()
+def rotate_for_grid(
+    model_dir: str | Path, calibration_text: str, rotation: str, num_samples: int, seq_len: int,
+    batch_size: int = 8, block_size: int = 128, full_moments: bool = False, device: str = "cpu",
+) -> RotatedModel:
+    """Fold, calibrate and rotate ``model_dir`` (see :func:`pipeline.prepare_model`) once.
+
+    ``full_moments`` records the full second moment of every site (needed for GPTQ rounding).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    dtype = _hf_dtype(model.config)
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
+    batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
+    opts = QuantizeOptions(rotation=rotation, block_size=block_size, gptq=full_moments)
+    adapter, inputs, _ = prepare_model(model, batches, opts)
+    hf_config = model.config.to_dict()
+    hf_config.pop("quantization_config", None)
+    hf_config["tie_word_embeddings"] = False
+    result = RotatedModel(hf_config, {}, rotation=rotation, block_size=block_size, damping=opts.damping)
+
+    def keep(index: int, projections: dict[str, RotatedLinear]) -> None:
+        hessians: dict[int, torch.Tensor] = {}
+        for name, rotated in projections.items():
+            hessian = rotated.hessian
+            if hessian is not None:  # shared by the projections of one site: store once
+                hessian = hessians.setdefault(id(rotated.hessian), rotated.hessian.cpu())
+            result.linears[projection_prefix(index, name)] = RotatedLinear(
+                rotated.weight.cpu(), None if rotated.rot is None else rotated.rot.cpu(), rotated.energy.cpu(),
+                hessian)
+        for name, tensor in adapter.layers[index].state_dict().items():
+            if _is_dense(name):
+                result.dense[f"model.layers.{index}.{name}"] = tensor.detach().to(dtype).cpu()
+
+    rotate_layers(adapter, inputs, opts, keep)
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.layers.") and _is_dense(name):
+            result.dense[name] = tensor.detach().to(dtype).cpu()
+    return result
+
+
+def quantize_rotated(rotated: RotatedModel, point: GridPoint, device: str = "cpu"
+                     ) -> tuple[RosaqQuantConfig, dict[str, torch.Tensor]]:
+    """The checkpoint tensors (and quantization config) of ``rotated`` quantized at ``point``."""
+    opts = QuantizeOptions(bits=point.bits, group_size=point.group_size, salient=point.salient,
+                           rotation=rotated.rotation, block_size=rotated.block_size, gptq=point.gptq)
+    cfg = opts.quant_config()
+    tensors = dict(rotated.dense)
+    for prefix, linear in rotated.linears.items():
+        salient_idx = select_salient(linear.energy, cfg.num_salient_for(linear.weight.shape[1]))
+        if point.gptq:
+            if linear.hessian is None:
+                raise ValueError("GPTQ rows need rotate_for_grid(full_moments=True)")
+            parts = gptq_quantize_linear(linear.weight.to(device), linear.hessian.to(device), salient_idx,
+                                         cfg.bits, cfg.group_size, rotated.damping)
+        else:
+            parts = quantize_linear(linear.weight, salient_idx, cfg.bits, cfg.group_size)
+        for suffix, tensor in parts.items():
+            tensors[f"{prefix}.{suffix}"] = tensor.cpu()
+        if linear.rot is not None:
+            tensors[f"{prefix}.rot"] = linear.rot.to(torch.float32)
+    return cfg, tensors
+
+
+def checkpoint_bits(tensors: dict[str, torch.Tensor], bits: int) -> dict:
+    """Average stored bits per weight of the quantized projections, counted from the tensors.
+
+    ``bits``: codes (full width), fp16 scales, uint8 zero points, fp16 salient columns and their int32
+    indices; ``bits_with_rot`` adds the float32 online rotations. ``salient``: the salient counts per
+    input width (``{K: [S, ...]}``, distinct values).
+    """
+    weights = stored = rot = 0
+    salient: dict[int, set[int]] = {}
+    for name, tensor in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if prefix.rsplit(".", 1)[-1] not in QUANTIZED_LINEARS:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if suffix == "rot":
+            rot += nbytes
+            continue
+        stored += nbytes
+        if suffix == "qweight":
+            in_features = tensor.shape[1] * 32 // bits
+            weights += tensor.shape[0] * in_features
+            salient.setdefault(in_features, set()).add(tensors[f"{prefix}.salient_idx"].numel())
+    return {"bits": 8 * stored / weights, "bits_with_rot": 8 * (stored + rot) / weights,
+            "salient": {str(k): sorted(v) for k, v in sorted(salient.items())}}
+
+
+def dense_model_bits(model_dir: str | Path) -> dict:
+    """Average bits of an unquantized model's projections (its stored dtype)."""
+    from transformers import AutoConfig
+
+    dtype = _hf_dtype(AutoConfig.from_pretrained(model_dir))
+    return {"bits": float(torch.finfo(dtype).bits), "bits_with_rot": float(torch.finfo(dtype).bits), "salient": {}}
+
+
+def summarize_nll(nll: torch.Tensor) -> dict:
+    """Perplexity, per-bin mean NLL and the per-position mean NLL curve of ``token_nll`` output."""
+    per_position = nll.mean(0)
+    bins = {}
+    for lo, hi in POSITION_BINS:
+        bins[f"{lo}-{hi or 'end'}"] = per_position[lo - 1:(hi - 1) if hi else None].mean().item()
+    return {"ppl": math.exp(nll.mean().item()), "nll_bins": bins,
+            "nll_by_position": [round(v, 4) for v in per_position.tolist()]}
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _evaluate(model: torch.nn.Module, texts: dict[str, torch.Tensor], context: int, device: str,
+              batch_size: int) -> dict:
+    model.to(device)
+    context = min(context, model.config.max_position_embeddings)
+    return {name: summarize_nll(token_nll(model, ids, context, batch_size)) for name, ids in texts.items()}
+
+
+def _done(results: dict, key: str, texts: Iterable[str]) -> bool:
+    return key in results and all(t in results[key].get("eval", {}) for t in texts)
+
+
+def run_grid(
+    model_dir: str | Path, points: list[GridPoint], texts: dict[str, torch.Tensor], results_path: Path,
+    calibration_text: str, num_samples: int, seq_len: int, context: int, block_size: int = 128,
+    device: str = "cpu", batch_size: int = 4, include_fp: bool = True,
+    extra_models: dict[str, tuple[Path, dict]] | None = None,
+) -> dict:
+    """Evaluate the fp model, every grid point and ``extra_models`` (name -> (HF dir, bits info)) on ``texts``.
+
+    Finished rows (same key, every text present) in ``results_path`` are skipped; each new row is saved
+    as soon as it is measured.
+    """
+    from transformers import AutoModelForCausalLM
+
+    results = load_results(results_path)
+    meta = {"num_samples": num_samples, "seq_len": seq_len, "context": context, "block_size": block_size,
+            "tokens": {name: int(ids.numel()) for name, ids in texts.items()}}
+    if include_fp and not _done(results, FP_ROW, texts):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        results[FP_ROW] = {"method": FP_ROW, **dense_model_bits(model_dir),
+                           "eval": _evaluate(model, texts, context, device, batch_size), **meta}
+        save_results(results_path, results)
+        del model
+    for name, (path, bits) in (extra_models or {}).items():
+        if _done(results, name, texts):
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        results[name] = {"method": name, **bits, "eval": _evaluate(model, texts, context, device, batch_size),
+                         **meta}
+        save_results(results_path, results)
+        del model
+    by_rotation: dict[str, list[GridPoint]] = {}
+    for point in points:
+        if not _done(results, point.key, texts):
+            by_rotation.setdefault(point.rotation, []).append(point)
+    for rotation, todo in by_rotation.items():
+        logger.info("calibrating %s for %d rows", rotation, len(todo))
+        rotated = rotate_for_grid(model_dir, calibration_text, rotation, num_samples, seq_len,
+                                  block_size=block_size, full_moments=any(p.gptq for p in todo), device=device)
+        for point in todo:
+            logger.info("row %s", point.key)
+            cfg, tensors = quantize_rotated(rotated, point, device)
+            model = model_from_tensors(rotated.hf_config, cfg, tensors, dense=True)
+            results[point.key] = {"method": "rosaq-grid", **point.__dict__, **checkpoint_bits(tensors, cfg.bits),
+                                  "eval": _evaluate(model, texts, context, device, batch_size), **meta}
+            save_results(results_path, results)
+            logger.info("%s: %s", point.key, {t: round(r["ppl"], 3) for t, r in results[point.key]["eval"].items()})
+            del model, tensors
+        del rotated
+    return results

@@ -1,0 +1,118 @@
+"""The accuracy-sweep tools compute what ``rosaq-quantize`` writes, and GPTQ rounding is sound."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rosaq_kernels.reference import dequantize
+from transformers import AutoTokenizer
+
+from offline_quantizer.accuracy import GridPoint, checkpoint_bits, quantize_rotated, rotate_for_grid, run_grid
+from offline_quantizer.evaluate import load_reference_model, model_from_tensors, perplexity
+from offline_quantizer.gptq import gptq_quantize_linear
+from offline_quantizer.pipeline import QuantizeOptions, quantize_checkpoint
+from offline_quantizer.quantize import quantize_linear
+from rosaq_vllm.checkpoint import load_config, load_tensors
+from tests.tiny_models import calibration_corpus
+
+CALIB = {"num_samples": 8, "seq_len": 64}
+
+
+@pytest.mark.parametrize("rotation,gptq", [("absorbed", False), ("per-layer", False), ("none", True),
+                                           ("absorbed", True)])
+def test_grid_tensors_equal_the_quantizer_checkpoint(tiny_model_dir, tmp_path: Path, rotation, gptq) -> None:
+    model = tiny_model_dir("qwen2")
+    opts = QuantizeOptions(bits=3, group_size=32, salient=16, rotation=rotation, block_size=64, gptq=gptq)
+    ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
+    rotated = rotate_for_grid(model, calibration_corpus(), rotation, block_size=64, full_moments=gptq, **CALIB)
+    cfg, tensors = quantize_rotated(rotated, GridPoint(rotation, 3, 32, 16, gptq))
+    written = load_tensors(ckpt)
+    assert set(tensors) == set(written)
+    for name, tensor in written.items():
+        assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
+    # the dense effective-weight model computes the checkpoint's function
+    ids = torch.randint(0, 100, (2, 24))
+    with torch.no_grad():
+        ref = load_reference_model(ckpt)(input_ids=ids).logits
+        dense = model_from_tensors(*load_config(ckpt)[:1], cfg, written, dense=True)(input_ids=ids).logits
+    torch.testing.assert_close(dense, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_bits_counts_the_tensors() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    parts = quantize_linear(weight, torch.arange(16, dtype=torch.int32), 4, 64)
+    tensors = {f"model.layers.0.mlp.down_proj.{k}": v for k, v in parts.items()}
+    bits = checkpoint_bits(tensors, 4)
+    expected = 4 + 16 * 16 / 256 + (16 + 8) / 64 + 32 * 16 / (64 * 256)
+    assert bits["bits"] == pytest.approx(expected)
+    assert bits["salient"] == {"256": [16]}
+
+
+def _effective(parts: dict, bits: int, group_size: int) -> torch.Tensor:
+    w = dequantize(parts["qweight"], parts["scales"], parts["qzeros"], bits, group_size).double()
+    w[:, parts["salient_idx"].long()] += parts["salient_weight"].double()
+    return w
+
+
+def test_gptq_lowers_output_error_and_equals_rtn_for_diagonal_moments() -> None:
+    torch.manual_seed(0)
+    n, k, g = 48, 256, 32
+    x = torch.randn(2048, k, dtype=torch.float64) @ (0.3 * torch.randn(k, k, dtype=torch.float64))
+    w = torch.randn(n, k, dtype=torch.float64)
+    h = x.t() @ x / x.shape[0]
+    salient = torch.topk(torch.diagonal(h), 16).indices.sort().values.to(torch.int32)
+    errors = {}
+    candidates = {"rtn": quantize_linear(w, salient, 3, g), "gptq": gptq_quantize_linear(w, h, salient, 3, g)}
+    for name, parts in candidates.items():
+        errors[name] = (x @ (_effective(parts, 3, g) - w).t()).pow(2).mean().item()
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+    diagonal = gptq_quantize_linear(w, torch.diag(torch.diagonal(h)), salient, 4, g)
+    rtn = quantize_linear(w, salient, 4, g)
+    for key, tensor in rtn.items():
+        assert torch.equal(diagonal[key], tensor), key
+
+
+def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
+    model = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(" ".join(calibration_corpus().split()[:400]), return_tensors="pt").input_ids[0][:256]
+    points = [GridPoint("none", 4, 32, 0), GridPoint("absorbed", 4, 32, 16)]
+    path = tmp_path / "results.json"
+    kwargs = {"calibration_text": calibration_corpus(), "context": 64, "block_size": 64, **CALIB}
+    results = run_grid(model, points, {"t": ids}, path, **kwargs)
+    assert set(results) == {"fp16", *(p.key for p in points)}
+    fp = results["fp16"]["eval"]["t"]["ppl"]
+    assert fp == pytest.approx(perplexity(load_reference_model_fp(model), ids, 64), rel=1e-6)
+    saved = json.loads(path.read_text())
+    assert saved[points[1].key]["salient"] == {"64": [16], "128": [16]} or saved[points[1].key]["salient"]
+    # cached rows are not recomputed
+    again = run_grid(model, points, {"t": ids}, path, **{**kwargs, "calibration_text": "unused"})
+    assert again == saved
+
+
+def load_reference_model_fp(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_absorbed_rotation_is_exact_in_float32(tiny_model_dir, arch: str) -> None:
+    """Calibrating in float32 (what rosaq-quantize does) must give the rotated weights of every site: v_proj is
+    rotated by the attn_out site after the attn_in site has read it."""
+    model_dir = tiny_model_dir(arch)
+    rotated = rotate_for_grid(model_dir, calibration_corpus(), "absorbed", block_size=64, **CALIB)
+    cfg, tensors = quantize_rotated(rotated, GridPoint("absorbed", 4, 32, 0))
+    model = model_from_tensors(rotated.hf_config, cfg, tensors, dense=True)
+    with torch.no_grad():
+        for prefix, linear in rotated.linears.items():
+            weight = linear.weight
+            if linear.rot is not None:
+                weight = weight @ torch.block_diag(*linear.rot).t()
+            model.get_submodule(prefix).weight.copy_(weight.float())
+        ids = torch.randint(0, 100, (2, 24))
+        expected = load_reference_model_fp(model_dir)(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
