@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 "$PY" -m ruff check .
+bash scripts/lint_deploy.sh
 exec "$PY" -m pytest -q -ra "$@"
