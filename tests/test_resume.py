@@ -57,3 +57,36 @@ def test_resume_refuses_a_work_dir_of_another_run(tiny_model_dir, tmp_path: Path
         quantize_checkpoint(tiny_model_dir("llama"), tmp_path / "ckpt", calibration_corpus(),
                             QuantizeOptions(bits=3, group_size=32, salient=16, block_size=64),
                             num_samples=8, seq_len=64, batch_size=4, resume=True)
+
+
+def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
+    """A real SIGKILL of ``rosaq-quantize`` after its first finished layer; ``--resume`` completes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model("llama", tmp_path / "model", num_layers=12)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_corpus())
+    out, work = tmp_path / "ckpt", tmp_path / ".ckpt.work"
+    cmd = [sys.executable, "-m", "offline_quantizer", str(model), str(out), "--group-size", "32", "--salient", "16",
+           "--block-size", "64", "--calib", str(calib), "--num-samples", "32", "--seq-len", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (work / "layer-00000.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "quantizer ended before its first layer"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it was killed; nothing was tested"
+    done = sorted(p.name for p in work.glob("layer-*.safetensors"))
+    assert 1 <= len(done) < 12
+    subprocess.run([*cmd, "--resume"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*cmd[:4], str(tmp_path / "fresh"), *cmd[5:]], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+    assert not work.exists()

@@ -104,7 +104,7 @@ def train_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     return wrapped
 
 
-def _tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+def _tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, num_layers: int = 2) -> PretrainedConfig:
     """Return a 2-layer, hidden-128 config of ``arch`` (GQA 4:2, head_dim 32: vLLM's CPU attention needs >= 32)."""
     if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(CONFIGS)}")
@@ -112,7 +112,7 @@ def _tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedCon
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
@@ -134,7 +134,7 @@ def _perturb(model: PreTrainedModel, generator: torch.Generator) -> None:
                 module.bias.normal_(0.0, 0.1, generator=generator)
 
 
-def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
+def make_tiny_model(arch: str, out_dir: Path, seed: int = 0, num_layers: int = 2) -> Path:
     """Build a random tiny ``arch`` model ("llama", "qwen2" or "mistral") in ``out_dir``.
 
     Saves float32 safetensors, the tokenizer (with chat template) and a generation config;
@@ -142,7 +142,7 @@ def make_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> Path:
     """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(out_dir)
-    config = _tiny_config(arch, tokenizer)
+    config = _tiny_config(arch, tokenizer, num_layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _perturb(model, torch.Generator().manual_seed(seed))
