@@ -37,6 +37,9 @@ def quantize_main(argv: list[str] | None = None) -> None:
                         help="salient channels per linear: a fraction of its inputs (< 1) or a count (default 0.01)")
     parser.add_argument("--rotation", choices=("absorbed", "per-layer", "none"), default="absorbed")
     parser.add_argument("--block-size", type=int, default=128, help="online rotation block of down_proj (absorbed)")
+    parser.add_argument("--outlier-ratio", type=float, default=20.0,
+                        help="channels whose peak exceeds this many times the median peak keep their own axis and are "
+                        "always salient (massive activations); 0 disables")
     parser.add_argument("--calib", default="c4", help="'c4' (shipped corpus) or a text file")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048, help="capped by the model's context length")
@@ -47,7 +50,8 @@ def quantize_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
-                           rotation=args.rotation, block_size=args.block_size)
+                           rotation=args.rotation, block_size=args.block_size,
+                           outlier_ratio=args.outlier_ratio)
     quantize_checkpoint(args.model, args.output, _text(args.calib), opts, num_samples=args.num_samples,
                         seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                         overwrite=args.overwrite, resume=args.resume)
