@@ -47,11 +47,13 @@ def quantize_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished layers")
+    parser.add_argument("--gptq", action="store_true",
+                        help="error-compensating (GPTQ) rounding in each linear's final basis (records full moments)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
-                           outlier_ratio=args.outlier_ratio)
+                           outlier_ratio=args.outlier_ratio, gptq=args.gptq)
     quantize_checkpoint(args.model, args.output, _text(args.calib), opts, num_samples=args.num_samples,
                         seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                         overwrite=args.overwrite, resume=args.resume)
@@ -70,11 +72,27 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text", default="wiki", help="'wiki' (shipped held-out corpus) or a text file")
     parser.add_argument("--context", type=int, default=2048, help="window length (capped by the model)")
     parser.add_argument("--max-tokens", type=int, default=16384, help="token budget")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--json", help="also write the results to this JSON file (with --grid: the row cache)")
+    grid = parser.add_argument_group("sweep (--grid): quantize --model in memory at every point and evaluate")
+    grid.add_argument("--grid", action="store_true")
+    grid.add_argument("--rotation", nargs="+", default=["none", "absorbed", "per-layer"],
+                      choices=("absorbed", "per-layer", "none"), help="'none' with --salient 0 is plain RTN")
+    grid.add_argument("--bits", nargs="+", type=int, default=[3, 4], choices=(3, 4))
+    grid.add_argument("--group-size", type=int, default=128)
+    grid.add_argument("--salient", nargs="+", type=_salient, default=[0, 0.005, 0.01, 0.03])
+    grid.add_argument("--gptq", choices=("off", "on", "both"), default="off")
+    grid.add_argument("--block-size", type=int, default=128)
+    grid.add_argument("--calib", default="c4")
+    grid.add_argument("--num-samples", type=int, default=32)
+    grid.add_argument("--seq-len", type=int, default=512)
+    grid.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     first = args.model or (args.quantized[0] if args.quantized else None)
     if first is None:
         parser.error("give --model and/or --quantized")
+    if args.grid:
+        _eval_grid(args, parser)
+        return
     tokenizer = AutoTokenizer.from_pretrained(first)
     ids = tokenizer(_text(args.text), return_tensors="pt").input_ids[0][: args.max_tokens]
     results = {}
@@ -90,3 +108,24 @@ def eval_main(argv: list[str] | None = None) -> None:
         print(f"perplexity {ppl:8.3f}  {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``rosaq-eval --grid``: fp, RTN, original-space saliency and ROSAQ rows, cached in ``--json``."""
+    from transformers import AutoTokenizer
+
+    from offline_quantizer.accuracy import GridPoint, run_grid
+
+    if not (args.model and args.json):
+        parser.error("--grid needs --model and --json (the row cache)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ids = AutoTokenizer.from_pretrained(args.model)(_text(args.text), return_tensors="pt").input_ids[0]
+    texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
+    gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
+    points = [GridPoint(r, b, args.group_size, k, g) for r in args.rotation for b in args.bits for k in args.salient
+              for g in gptq]
+    results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
+                       args.context, block_size=args.block_size, device=args.device)
+    for key, row in results.items():
+        ppl = "  ".join(f"{t} {r['ppl']:9.3f}" for t, r in row["eval"].items())
+        print(f"{key:34s} {row['bits']:6.3f} bits/w  {ppl}  salient {row['salient']}")

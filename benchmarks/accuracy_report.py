@@ -1,0 +1,82 @@
+"""Tables (markdown) and the perplexity-vs-bits plot of the accuracy results JSON files.
+
+Usage: python benchmarks/accuracy_report.py bench_runs/accuracy-smollm2.json [--plot docs/accuracy-smollm2.png]
+(the plot needs matplotlib, e.g. from .venv-llmc).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+LABELS = {"none": "orig-space saliency (K=0: RTN)", "absorbed": "ROSAQ absorbed", "per-layer": "ROSAQ per-layer"}
+
+
+def rows(results: dict) -> list[tuple]:
+    out = []
+    for key, row in results.items():
+        texts = row["eval"]
+        if key == "fp16" or key.startswith("llmc-"):
+            method, config = (key, "") if key == "fp16" else key.split("|")
+            k, rounding = "-", "-"
+        else:
+            rotation, config, k, rounding = key.split("|")
+            method = LABELS[rotation]
+            k = ",".join(f"{s}/{width}" for width, counts in row["salient"].items() for s in counts)
+        out.append((method, config, k, rounding, row["bits"], row["bits_with_rot"],
+                    *(texts[t]["ppl"] if t in texts else float("nan") for t in ("wiki", "wt2")),
+                    texts.get("wt2", texts.get("wiki"))["nll_bins"]["1-2"],
+                    texts.get("wt2", texts.get("wiki"))["nll_bins"]["128-end"]))
+    return sorted(out, key=lambda r: (r[1], r[0], r[4]))
+
+
+def table(results: dict) -> str:
+    header = ("| method | W/g | S per linear (S/K) | rounding | bits/w | +rot | ppl wiki | ppl wt2 | NLL pos 1 "
+              "| NLL pos ≥128 |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows(results):
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | "
+                     f"{r[8]:.2f} | {r[9]:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    text = "wt2" if "wt2" in results["fp16"]["eval"] else "wiki"
+    series: dict[str, list] = {}
+    for key, row in results.items():
+        if key == "fp16":
+            continue
+        name = key.split("|")[0] if key.startswith("llmc-") else f"{LABELS[key.split('|')[0]]} {key.split('|')[3]}"
+        series.setdefault(name, []).append((row["bits"], row["eval"][text]["ppl"]))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=name, alpha=0.8)
+    ax.axhline(results["fp16"]["eval"][text]["ppl"], color="k", ls="--", label="fp16")
+    ax.set_yscale("log")
+    ax.set_xlabel("average bits per weight (quantized projections; rotations excluded)")
+    ax.set_ylabel(f"perplexity ({text})")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("results")
+    parser.add_argument("--plot")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    results = json.loads(Path(args.results).read_text())
+    print(table(results))
+    if args.plot:
+        plot(results, Path(args.plot), args.title)
+
+
+if __name__ == "__main__":
+    main()
