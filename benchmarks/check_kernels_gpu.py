@@ -106,11 +106,11 @@ def main() -> int:
             # The op of the prepared layout (INT3: bit-plane regrouped), bf16, M=64.
             x = torch.randn(64, K, generator=gen, device="cuda", dtype=torch.bfloat16)
             args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
-            y = torch.ops.rosaq.linear_prepared(x, *args, bits, GROUP, prepared["int3_planar"])
+            y = torch.ops.rosaq.linear(x, *args, bits, GROUP, prepared["int3_planar"])
             err = rel_err(y, reference(x, W, sidx, sw, rot_used))
             ok = err < TOL[torch.bfloat16] and not torch.isnan(y).any().item()
             line = (
-                f"{'ok ' if ok else 'FAIL'} W{bits} {name:8s} torch.ops.rosaq.linear_prepared M=64 bf16 err={err:.2e}"
+                f"{'ok ' if ok else 'FAIL'} W{bits} {name:8s} torch.ops.rosaq.linear (prepared) M=64 bf16 err={err:.2e}"
             )
             print(line, flush=True)
             if not ok:

@@ -36,7 +36,7 @@ Weight layout: the kernel reads every tensor through its strides, so ``torch.ops
 it on the checkpoint layout as is. :func:`prepare_weights` (called once, in
 ``process_weights_after_loading``) stores scales and zero points column-major (coalesced loads of a
 group's ``BLOCK_N`` scales), casts ``rot`` to fp16, and regroups INT3 words by bit plane so that a tile
-is two contiguous loads instead of three strided ones; ``torch.ops.rosaq.linear_prepared`` and
+is two contiguous loads instead of three strided ones; ``torch.ops.rosaq.linear`` (with ``int3_planar``) and
 :func:`fused_linear` take that layout.
 
 CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the only
@@ -477,7 +477,7 @@ def prepare_weights(
     ``bits=3`` the INT3 words are also regrouped by bit plane (:func:`int3_to_planar`;
     ``"int3_planar": True``) so that each tile is two contiguous loads instead of three strided ones.
     Apart from that regrouping (and the rounding of ``rot``), the tensors are the checkpoint's logical
-    tensors. Use with :func:`fused_linear` or ``torch.ops.rosaq.linear_prepared``.
+    tensors. Use with :func:`fused_linear` or ``torch.ops.rosaq.linear`` (passing ``int3_planar``).
     """
     planar = bits == 3
     return {
@@ -514,35 +514,3 @@ def fused_linear(
         config=config,
         int3_planar=prepared.get("int3_planar", False),
     )
-
-
-@torch.library.custom_op("rosaq::linear_prepared", mutates_args=())
-def rosaq_linear_prepared(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    qzeros: torch.Tensor,
-    salient_idx: torch.Tensor,
-    salient_weight: torch.Tensor,
-    rot: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    int3_planar: bool,
-) -> torch.Tensor:
-    """``torch.ops.rosaq.linear`` on the tensors of :func:`prepare_weights` (``int3_planar`` as it says)."""
-    if x.is_cuda:
-        return rosaq_fused_linear(
-            x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size, int3_planar=int3_planar
-        )
-    from rosaq_kernels.reference import rosaq_linear_reference
-
-    if bits == 3 and int3_planar:
-        qweight = int3_from_planar(qweight)
-    return rosaq_linear_reference(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size)
-
-
-@rosaq_linear_prepared.register_fake
-def _rosaq_linear_prepared_fake(
-    x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size, int3_planar
-) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]))

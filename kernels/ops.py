@@ -2,7 +2,8 @@
 
 The op body runs eagerly at every call (or once per captured size under CUDA graphs), so any
 shape-based dispatch belongs here, never in the caller: vLLM's compilation freezes Python branches
-of the model code. On CPU the body is the torch reference.
+of the model code. CUDA tensors go to the fused Triton kernel (which picks its launch configuration by M);
+everything else to the torch reference.
 """
 
 import torch
@@ -20,16 +21,22 @@ def rosaq_linear(
     rot: torch.Tensor | None,
     bits: int,
     group_size: int,
+    int3_planar: bool = False,
 ) -> torch.Tensor:
-    """ROSAQ linear without bias: ``x [M, K]`` to ``[M, N]`` in ``x.dtype`` (see ``reference``)."""
-    # --- CUDA: the fused Triton kernel (rosaq_kernels.fused_linear; M-bucket dispatch happens inside) ---
+    """ROSAQ linear without bias: ``x [M, K]`` to ``[M, N]`` in ``x.dtype`` (see ``reference``).
+
+    Takes the checkpoint layout or that of ``rosaq_kernels.fused_linear.prepare_weights``; ``int3_planar``
+    says whether INT3 words were regrouped by bit plane there.
+    """
     if x.is_cuda:
         from rosaq_kernels.fused_linear import rosaq_fused_linear
 
-        return rosaq_fused_linear(
-            x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size
-        )
-    # --- end CUDA dispatch ---
+        return rosaq_fused_linear(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size,
+                                  int3_planar=int3_planar)
+    if int3_planar:
+        from rosaq_kernels.fused_linear import int3_from_planar
+
+        qweight = int3_from_planar(qweight)
     return rosaq_linear_reference(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size)
 
 
@@ -44,5 +51,6 @@ def _rosaq_linear_fake(
     rot: torch.Tensor | None,
     bits: int,
     group_size: int,
+    int3_planar: bool = False,
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -145,8 +145,8 @@ class RosaqLinearMethod(LinearMethodBase):
                    "salient_idx": salient_idx, "salient_weight": salient_weight,
                    "rot": layer.rot.data if "rot" in layer.rosaq_loaded else None}
         del layer.rosaq_loaded
-        self.use_triton = layer.qweight.is_cuda
-        if self.use_triton:  # the fused Triton kernel's layout (rosaq_kernels.fused_linear.prepare_weights)
+        self.int3_planar = False
+        if layer.qweight.is_cuda:  # the fused Triton kernel's layout (rosaq_kernels.fused_linear.prepare_weights)
             from rosaq_kernels.fused_linear import prepare_weights
 
             prepared = prepare_weights(**tensors, bits=self.quant_config.bits, rot_dtype=layer.rosaq_params_dtype)
@@ -160,10 +160,7 @@ class RosaqLinearMethod(LinearMethodBase):
         flat = x.reshape(-1, x.shape[-1])
         args = (flat, layer.qweight, layer.scales, layer.qzeros, layer.salient_idx, layer.salient_weight, layer.rot,
                 self.quant_config.bits, self.quant_config.group_size)
-        if self.use_triton:
-            y = torch.ops.rosaq.linear_prepared(*args, self.int3_planar)
-        else:
-            y = torch.ops.rosaq.linear(*args)
+        y = torch.ops.rosaq.linear(*args, self.int3_planar)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -28,6 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 try:
+    import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
     import triton  # noqa: F401
     from rosaq_kernels.fused_linear import (  # noqa: E402
         fused_linear,
@@ -150,7 +151,7 @@ def test_prepared_layout_and_group_sizes(bits, group_size):
     _check(fused_linear(x, prepared, bits, group_size, out=out), ref, torch.float16)
     # The op of the prepared layout (on CPU: the reference after undoing the INT3 regrouping).
     args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
-    y = torch.ops.rosaq.linear_prepared(x, *args, bits, group_size, prepared["int3_planar"])
+    y = torch.ops.rosaq.linear(x, *args, bits, group_size, prepared["int3_planar"])
     _check(y, ref, torch.float16)
 
 
