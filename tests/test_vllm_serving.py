@@ -54,7 +54,8 @@ def test_served_greedy_tokens_match_reference(tiny_checkpoint, arch: str, args: 
             extra_body={"return_token_ids": True, "ignore_eos": True})
     assert completion.choices[0].text
     assert completion.choices[0].token_ids == reference_greedy(checkpoint, prompt_ids)
-    assert chat.choices[0].message.content
+    # A random model may well produce tokens that decode to nothing; the token ids are the real check.
+    assert isinstance(chat.choices[0].message.content, str) and chat.choices[0].finish_reason == "length"
     assert chat.prompt_token_ids == chat_ids
     assert chat.choices[0].token_ids == reference_greedy(checkpoint, chat_ids)
 
