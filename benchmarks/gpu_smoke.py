@@ -1,6 +1,6 @@
 """GPU smoke test of the plugin inside vLLM (run on the device): a tiny ROSAQ checkpoint served with CUDA graphs.
 
-Quantizes a tiny random Llama (W4 and W3), generates 16 greedy tokens with vLLM (fp16, compiled + CUDA graphs,
+Usage: ``python benchmarks/gpu_smoke.py BITS`` (one vLLM engine per process). Quantizes a tiny random Llama, generates 16 greedy tokens with vLLM (fp16, compiled + CUDA graphs,
 so the fused Triton kernel runs through ``torch.ops.rosaq.linear``) and compares them with the torch reference
 model of the same checkpoint (float32, CPU). Prints the matching prefix length per checkpoint.
 """
@@ -32,7 +32,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp())
     model = make_tiny_model("llama", root / "model")
-    for bits in (4, 3):
+    for bits in [int(b) for b in sys.argv[1:]] or [4]:
         ckpt = quantize_checkpoint(model, root / f"w{bits}", calibration_corpus(),
                                    QuantizeOptions(bits=bits, group_size=32, salient=16, block_size=64),
                                    num_samples=8, seq_len=64, batch_size=4)
@@ -45,9 +45,7 @@ def main() -> None:
         match = next((i for i, (a, b) in enumerate(zip(served, ref, strict=True)) if a != b), len(ref))
         print(f"RESULT W{bits}: served {served}\nRESULT W{bits}: ref    {ref}\nRESULT W{bits}: matching prefix "
               f"{match}/16 (vLLM fp16 + CUDA graphs vs float32 reference)", flush=True)
-        del llm
-        torch.cuda.empty_cache()
-    sys.exit(0)
+
 
 
 if __name__ == "__main__":
