@@ -1,6 +1,7 @@
 """GPU smoke test of the plugin inside vLLM (run on the device): a tiny ROSAQ checkpoint served with CUDA graphs.
 
-Usage: ``python benchmarks/gpu_smoke.py BITS`` (one vLLM engine per process). Quantizes a tiny random Llama, generates 16 greedy tokens with vLLM (fp16, compiled + CUDA graphs,
+Usage: ``python benchmarks/gpu_smoke.py BITS`` (one vLLM engine per process). Quantizes a tiny random Llama,
+generates 16 greedy tokens with vLLM (fp16, compiled + CUDA graphs,
 so the fused Triton kernel runs through ``torch.ops.rosaq.linear``) and compares them with the torch reference
 model of the same checkpoint (float32, CPU). Prints the matching prefix length per checkpoint.
 """
