@@ -55,7 +55,7 @@ class RosaqLinearMethod(LinearMethodBase):
             if loaded.dtype != param.dtype:
                 raise self._error(where, f"dtype {loaded.dtype}, expected {param.dtype}")
             check_tensor_values(f"{self.prefix}.{where}", loaded)  # the data is in memory here anyway
-            if name in _REPLICATED and layer.rosaq_loaded[name] and not torch.equal(param.data, loaded):
+            if name in _REPLICATED and layer.rosaq_loaded[name] and not torch.equal(param.data, loaded.to(param.device)):
                 raise self._error(where, f"differs between {self.projections}, which share one input")
             try:
                 if shard_id is None:
