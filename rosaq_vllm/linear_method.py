@@ -55,7 +55,8 @@ class RosaqLinearMethod(LinearMethodBase):
             if loaded.dtype != param.dtype:
                 raise self._error(where, f"dtype {loaded.dtype}, expected {param.dtype}")
             check_tensor_values(f"{self.prefix}.{where}", loaded)  # the data is in memory here anyway
-            if name in _REPLICATED and layer.rosaq_loaded[name] and not torch.equal(param.data, loaded.to(param.device)):
+            is_copy = name in _REPLICATED and layer.rosaq_loaded[name]
+            if is_copy and not torch.equal(param.data, loaded.to(param.device)):
                 raise self._error(where, f"differs between {self.projections}, which share one input")
             try:
                 if shard_id is None:
