@@ -42,3 +42,13 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
         return built[key]
 
     return build
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny Llama ROSAQ checkpoint (for corrupting it)."""
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("llama"), copy)
+    return copy

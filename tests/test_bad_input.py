@@ -8,7 +8,6 @@ checkpoints for another model, corrupt safetensors headers, shards, NaN data and
 import json
 import math
 import pickle
-import shutil
 import struct
 from pathlib import Path
 
@@ -119,10 +118,8 @@ def test_plugin_config_entry_point_refuses_non_object() -> None:
 # --- config.json --------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def ckpt(tiny_checkpoint, tmp_path: Path) -> Path:
-    copy = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint("llama"), copy)
-    return copy
+def ckpt(checkpoint_copy: Path) -> Path:
+    return checkpoint_copy
 
 
 def _edit_config(ckpt: Path, edit) -> None:

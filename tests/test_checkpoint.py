@@ -51,13 +51,6 @@ def test_salient_count_rounding_and_limits() -> None:
         RosaqQuantConfig(num_salient=64, salient_fraction=None).num_salient_for(64)
 
 
-@pytest.fixture
-def checkpoint_copy(tiny_checkpoint, tmp_path: Path) -> Path:
-    copy = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint("llama"), copy)
-    return copy
-
-
 def _rewrite(path: Path, edit) -> None:
     tensors = load_file(path / "model.safetensors")
     edit(tensors)
