@@ -4,8 +4,9 @@ ROSAQ (absorbed / per-layer), GPTQ-style rounding, llm-compressor AWQ/GPTQ, and 
 Stages (each caches its rows in ``--results``, so re-runs skip finished rows):
   grid    ROSAQ/RTN/original-space grid through ``offline_quantizer.accuracy.run_grid``
   llmc    llm-compressor AWQ and GPTQ (run by ``benchmarks/llmc_baseline.py`` in ``--llmc-python``'s venv)
-  served  perplexity of a ROSAQ checkpoint through vLLM's OpenAI server (prompt logprobs) vs offline
-  report  tables + plot into docs/accuracy.md (see ``benchmarks/accuracy_report.py``)
+  report  the markdown table of ``--results`` (``--plot PNG`` also draws perplexity vs bits; needs matplotlib)
+
+The served-model check (vLLM prompt logprobs vs offline) is ``benchmarks/served_ppl.py``.
 
 Calibration: C4 sample (assets.calibration_text). Evaluation: Wikipedia sample (assets.heldout_text) and
 WikiText-2 test (read from ../shared; benchmarks only). The two are disjoint from the calibration text.
@@ -59,8 +60,9 @@ def eval_texts(tokenizer_dir: Path, names: list[str], max_tokens: int) -> dict[s
     return texts
 
 
-def grid_points(rotations: list[str], bits: list[int], group_size: int, salient: list[float],
-                gptq: list[bool]) -> list[GridPoint]:
+def grid_points(
+    rotations: list[str], bits: list[int], group_size: int, salient: list[float], gptq: list[bool]
+) -> list[GridPoint]:
     points = []
     for rotation in rotations:
         for b in bits:
@@ -76,8 +78,18 @@ def stage_grid(args: argparse.Namespace) -> None:
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq)
-    run_grid(directory, points, texts, Path(args.results), assets.calibration_text(), args.num_samples,
-             args.seq_len, args.context, device=args.device, batch_size=args.batch_size)
+    run_grid(
+        directory,
+        points,
+        texts,
+        Path(args.results),
+        assets.calibration_text(),
+        args.num_samples,
+        args.seq_len,
+        args.context,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
 
 
 def stage_llmc(args: argparse.Namespace) -> None:
@@ -90,24 +102,53 @@ def stage_llmc(args: argparse.Namespace) -> None:
     for method in args.methods:
         for b in args.bits:
             out = Path(args.work) / f"{args.model}-{method}-w{b}g{group_size}"
-            cmd = [args.llmc_python, str(REPO / "benchmarks/llmc_baseline.py"), str(directory), str(out),
-                   "--method", method, "--bits", str(b), "--group-size", str(group_size), "--calib-file",
-                   str(calib), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
-                   "--device", args.device]
+            cmd = [
+                args.llmc_python,
+                str(REPO / "benchmarks/llmc_baseline.py"),
+                str(directory),
+                str(out),
+                "--method",
+                method,
+                "--bits",
+                str(b),
+                "--group-size",
+                str(group_size),
+                "--calib-file",
+                str(calib),
+                "--num-samples",
+                str(args.num_samples),
+                "--seq-len",
+                str(args.seq_len),
+                "--device",
+                args.device,
+            ]
             logger.info("%s", " ".join(cmd))
             result = subprocess.run(cmd, cwd="/tmp", check=False)
             if result.returncode != 0 or not (out / "bits.json").is_file():
                 logger.error("llm-compressor %s W%d failed (exit %d)", method, b, result.returncode)
                 continue
-            extra = {f"llmc-{method}|w{b}g{group_size}": (out / "dequantized",
-                                                          json.loads((out / "bits.json").read_text()))}
-            run_grid(directory, [], texts, Path(args.results), "", args.num_samples, args.seq_len, args.context,
-                     device=args.device, batch_size=args.batch_size, include_fp=False, extra_models=extra)
+            extra = {
+                f"llmc-{method}|w{b}g{group_size}": (out / "dequantized", json.loads((out / "bits.json").read_text()))
+            }
+            run_grid(
+                directory,
+                [],
+                texts,
+                Path(args.results),
+                "",
+                args.num_samples,
+                args.seq_len,
+                args.context,
+                device=args.device,
+                batch_size=args.batch_size,
+                include_fp=False,
+                extra_models=extra,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("grid", "llmc", "served", "report"))
+    parser.add_argument("stage", choices=("grid", "llmc", "report"))
     parser.add_argument("--model", default="smollm2", help="smollm2, qwen or a HF model directory")
     parser.add_argument("--results", default="bench_runs/accuracy-smollm2.json")
     parser.add_argument("--texts", nargs="+", default=["wiki", "wt2"])
@@ -125,6 +166,8 @@ def main() -> None:
     parser.add_argument("--work", default="bench_runs/llmc")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--plot", help="report: also write the perplexity-vs-bits plot here")
+    parser.add_argument("--title", default="", help="report: plot title")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.device == "cuda":
@@ -134,14 +177,13 @@ def main() -> None:
         stage_grid(args)
     elif args.stage == "llmc":
         stage_llmc(args)
-    elif args.stage == "served":
-        from benchmarks.served_check import served_check
-
-        served_check(args)
     else:
-        from benchmarks.accuracy_report import write_report
+        from benchmarks.accuracy_report import plot, table
 
-        write_report(load_results, REPO)
+        results = load_results(Path(args.results))
+        print(table(results))
+        if args.plot:
+            plot(results, Path(args.plot), args.title)
 
 
 if __name__ == "__main__":
