@@ -1,5 +1,6 @@
 """Where the parts of a supported decoder-only model live (Llama, Qwen2, Mistral share one layout)."""
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -42,6 +43,10 @@ class DecoderAdapter:
     @property
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers
+
+    def iter_layers(self) -> Iterator[nn.Module]:
+        """The decoder layers, in order, as the pipeline computes them (here: in place)."""
+        yield from self.layers
 
     @property
     def final_norm(self) -> nn.Module:

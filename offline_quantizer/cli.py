@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
 from offline_quantizer.pipeline import QuantizeOptions, quantize_checkpoint
@@ -54,9 +55,20 @@ def quantize_main(argv: list[str] | None = None) -> None:
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq)
+    import torch
+
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+    start = time.perf_counter()
     quantize_checkpoint(args.model, args.output, _text(args.calib), opts, num_samples=args.num_samples,
                         seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                         overwrite=args.overwrite, resume=args.resume)
+    report = f"rosaq-quantize: {time.perf_counter() - start:.1f} s"
+    if on_cuda:
+        peak = torch.cuda.max_memory_allocated(args.device)
+        report += f", peak device memory {peak / 2**30:.2f} GiB ({peak} bytes, torch.cuda.max_memory_allocated)"
+    print(report, flush=True)
 
 
 def eval_main(argv: list[str] | None = None) -> None:

@@ -28,10 +28,20 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
     norm.weight.fill_(1.0)
 
 
+def fold_layer_norms(adapter: DecoderAdapter, layer: nn.Module) -> None:
+    """Fold one decoder layer's two RMSNorm γ into q/k/v and gate/up."""
+    _fold_norm(layer.input_layernorm, [adapter.projection(layer, p) for p in ATTN_IN])
+    _fold_norm(layer.post_attention_layernorm, [adapter.projection(layer, p) for p in MLP_IN])
+
+
+def fold_final_norm(adapter: DecoderAdapter) -> None:
+    """Untie the embeddings and fold the final RMSNorm γ into lm_head."""
+    untie_lm_head(adapter)
+    _fold_norm(adapter.final_norm, [adapter.lm_head])
+
+
 def fold_norms(adapter: DecoderAdapter) -> None:
     """Fold every RMSNorm γ into the linears it feeds (q/k/v, gate/up, lm_head)."""
-    untie_lm_head(adapter)
+    fold_final_norm(adapter)
     for layer in adapter.layers:
-        _fold_norm(layer.input_layernorm, [adapter.projection(layer, p) for p in ATTN_IN])
-        _fold_norm(layer.post_attention_layernorm, [adapter.projection(layer, p) for p in MLP_IN])
-    _fold_norm(adapter.final_norm, [adapter.lm_head])
+        fold_layer_norms(adapter, layer)

@@ -7,10 +7,11 @@ online block-diagonal PCA rotation. ``per-layer`` gives every site its own full 
 online. ``none`` keeps the original basis (saliency in the original feature space).
 """
 
+import copy
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from offline_quantizer.adapters import ATTN_IN, MLP_IN, DecoderAdapter
 from offline_quantizer.calibration import LayerInputs, capture_first_layer_inputs, run_layer, token_batches
-from offline_quantizer.fold import fold_norms
+from offline_quantizer.fold import fold_final_norm, fold_layer_norms, fold_norms, untie_lm_head
 from offline_quantizer.gptq import gptq_quantize_linear
 from offline_quantizer.quantize import quantize_linear
 from offline_quantizer.rotation import (
@@ -100,6 +101,36 @@ class RotatedLinear:
     hessian: torch.Tensor | None = None
 
 
+class StreamingAdapter(DecoderAdapter):
+    """A model whose decoder layers stay on the CPU in the model's own dtype and are computed on ``device``.
+
+    Every visit of a layer (:meth:`iter_layers`) works on a fresh float32 copy on ``device``, with its norms
+    folded and, once :attr:`basis` is set, the residual basis applied. The copy replaces the layer in the model
+    while it is visited and is freed afterwards, so the device holds one layer (plus the calibration activations)
+    at a time. Folding and rotating a float32 copy gives exactly the layer that the in-place path computes for a
+    model loaded in float32. The embedding, final norm and lm_head are converted to float32 on the CPU.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str) -> None:
+        super().__init__(model)
+        self.device = torch.device(device)
+        self.basis: torch.Tensor | None = None
+
+    def iter_layers(self) -> Iterator[nn.Module]:
+        for index in range(len(self.layers)):
+            original = self.layers[index]
+            layer = copy.deepcopy(original).to(self.device, torch.float32)
+            fold_layer_norms(self, layer)
+            if self.basis is not None:
+                rotate_layer_residual(self, layer, self.basis)
+            self.layers[index] = layer
+            try:
+                yield layer
+            finally:
+                self.layers[index] = original
+                layer.to("meta")  # free the device copy now, not when the caller drops it
+
+
 def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: int) -> int:
     """Block size of the second moment recorded at a site (1: diagonal only, dim: full)."""
     if rotation == "per-layer":
@@ -159,7 +190,7 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float,
     """
     total = None
     peak = torch.zeros(adapter.embedding.embedding_dim, dtype=torch.float64)
-    for layer in tqdm(adapter.layers, desc="residual PCA", unit="layer"):
+    for layer in tqdm(adapter.iter_layers(), desc="residual PCA", unit="layer", total=len(adapter.layers)):
         for hidden in inputs.hidden:
             peak = torch.maximum(peak, hidden.abs().reshape(-1, peak.numel()).amax(0).cpu().to(torch.float64))
         moments, inputs = _record_moments(adapter, layer, inputs, {"attn_in": layer.self_attn.q_proj.in_features,
@@ -179,14 +210,26 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float,
 
 
 @torch.no_grad()
+def rotate_layer_residual(adapter: DecoderAdapter, layer: nn.Module, basis: torch.Tensor) -> None:
+    """Make one decoder layer read and write the residual stream as ``h·Q``."""
+    for name in ATTN_IN + MLP_IN:
+        rotate_input(adapter.projection(layer, name), basis)
+    rotate_output(adapter.projection(layer, "o_proj"), basis)
+    rotate_output(adapter.projection(layer, "down_proj"), basis)
+
+
+@torch.no_grad()
 def apply_residual_basis(adapter: DecoderAdapter, basis: torch.Tensor) -> None:
-    """Carry the residual stream as ``h·Q``: embedding, every block's inputs and outputs, and lm_head."""
+    """Carry the residual stream as ``h·Q``: embedding, every block's inputs and outputs, and lm_head.
+
+    A :class:`StreamingAdapter` rotates its layers on each visit instead.
+    """
     rotate_embedding(adapter.embedding, basis)
-    for layer in adapter.layers:
-        for name in ATTN_IN + MLP_IN:
-            rotate_input(adapter.projection(layer, name), basis)
-        rotate_output(adapter.projection(layer, "o_proj"), basis)
-        rotate_output(adapter.projection(layer, "down_proj"), basis)
+    if isinstance(adapter, StreamingAdapter):
+        adapter.basis = basis
+    else:
+        for layer in adapter.layers:
+            rotate_layer_residual(adapter, layer, basis)
     rotate_input(adapter.lm_head, basis)
 
 
@@ -258,17 +301,34 @@ LayerCallback = Callable[[int, dict[str, RotatedLinear]], None]
 
 @torch.no_grad()
 def prepare_model(
-    model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, basis: torch.Tensor | None = None
+    model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, basis: torch.Tensor | None = None,
+    stream_device: torch.device | str | None = None,
 ) -> tuple[DecoderAdapter, LayerInputs, torch.Tensor | None]:
     """Fold the norms, record the first layer's inputs and (absorbed mode) rotate the residual stream.
 
     ``basis``: a residual basis computed earlier (resume); computed here when ``None``.
+    ``stream_device``: ``None`` works on ``model`` in place (it must be float32 or float64, on one device);
+    otherwise ``model`` stays on the CPU in its dtype and its layers are streamed through that device
+    (:class:`StreamingAdapter`), with the calibration activations kept there.
     Returns the adapter, the (rotated) first-layer inputs and the residual basis (``None`` unless absorbed).
     """
     opts.quant_config()  # validate before any work
-    adapter = DecoderAdapter(model)
-    fold_norms(adapter)
-    inputs = capture_first_layer_inputs(adapter, batches)
+    if stream_device is None:
+        adapter = DecoderAdapter(model)
+        fold_norms(adapter)
+        inputs = capture_first_layer_inputs(adapter, batches)
+    else:
+        adapter = StreamingAdapter(model, stream_device)
+        untie_lm_head(adapter)
+        for module in (adapter.embedding, adapter.final_norm, adapter.lm_head):
+            module.to(torch.float32)
+        fold_final_norm(adapter)
+        for module in model.model.children():  # the rotary embedding (float32 buffers)
+            if module not in (adapter.layers, adapter.embedding, adapter.final_norm):
+                module.to(adapter.device)
+        adapter.embedding.to(adapter.device)  # for the first layer's inputs only
+        inputs = capture_first_layer_inputs(adapter, batches)
+        adapter.embedding.to("cpu")
     if opts.rotation != "absorbed":
         return adapter, inputs, None
     if basis is None:
@@ -289,7 +349,8 @@ def rotate_layers(
     that layer is done (only one layer's calibration activations are alive at any time). Layers before
     ``start_layer`` are only run forward, to produce the inputs of the next ones.
     """
-    for index, layer in enumerate(tqdm(adapter.layers, desc=f"ROSAQ {opts.rotation}", unit="layer")):
+    layers = tqdm(adapter.iter_layers(), desc=f"ROSAQ {opts.rotation}", unit="layer", total=len(adapter.layers))
+    for index, layer in enumerate(layers):
         if index < start_layer:
             inputs = run_layer(layer, inputs)
             continue
@@ -316,18 +377,20 @@ def _is_dense(name: str) -> bool:
 
 
 def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, dtype: torch.dtype,
-                   work: WorkDir | None = None) -> dict[str, torch.Tensor]:
+                   work: WorkDir | None = None, stream_device: torch.device | str | None = None
+                   ) -> dict[str, torch.Tensor]:
     """All checkpoint tensors of ``model`` quantized with ROSAQ; unquantized tensors in ``dtype``.
 
     With ``work``, every finished layer (and the residual basis) is saved there, and layers already
     there are reused instead of recomputed (resume gives a byte-identical result).
+    ``stream_device``: see :func:`prepare_model`.
     """
     cfg = opts.quant_config()
     tensors: dict[str, torch.Tensor] = {}
     start_layer = work.finished_layers() if work else 0
-    adapter, inputs, basis = prepare_model(model, batches, opts, work.load_basis() if work else None)
+    adapter, inputs, basis = prepare_model(model, batches, opts, work.load_basis() if work else None, stream_device)
     if work and basis is not None:
-        work.save_basis(basis)
+        work.save_basis(basis.cpu())
 
     def store(index: int, projections: dict[str, RotatedLinear]) -> None:
         layer_tensors = {}
@@ -381,7 +444,9 @@ def quantize_checkpoint(
 ) -> Path:
     """Quantize a Hugging Face causal LM directory into a ROSAQ checkpoint directory (atomically).
 
-    The model is calibrated in float32 on ``device``; unquantized tensors keep the model's dtype.
+    The model is loaded on the CPU in its own dtype; its decoder layers are calibrated, rotated and quantized in
+    float32 on ``device`` one at a time (peak device memory: one layer plus the calibration activations).
+    Unquantized tensors keep the model's dtype.
     ``seq_len`` is capped by the model's context length. Finished layers are kept in a work directory
     beside the output until the checkpoint is published; ``resume`` continues an interrupted run from them.
     """
@@ -392,7 +457,7 @@ def quantize_checkpoint(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").eval()
     dtype = _hf_dtype(model.config)
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
     batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
@@ -403,7 +468,7 @@ def quantize_checkpoint(
         "calibration_sha256": hashlib.sha256(calibration_text.encode()).hexdigest(),
     }
     work = WorkDir(out_dir.parent / f".{out_dir.name}.work", fingerprint, resume)
-    tensors = quantize_model(model, batches, opts, dtype, work)
+    tensors = quantize_model(model, batches, opts, dtype, work, stream_device=device)
     hf_config = model.config.to_dict()
     hf_config.pop("quantization_config", None)
     hf_config["tie_word_embeddings"] = False
