@@ -270,17 +270,19 @@ def bench(models, ms, vk, bw, out_lines):
 SWEEP_MS = (1, 16, 64, 256, 1024)
 
 
-def _sweep_candidates(M):
+def _sweep_candidates(M, bits):
+    """Launch configs ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, waves)`` worth timing at this M."""
+    bks = (128, 256) if bits == 4 else (256, 512)  # tensor-core slices need BLOCK_K / (8 or 16) >= 16
+    if M == 1:
+        return [(1, bn, bk, 4, st, wv) for bn in (32, 64, 128) for bk in (256, 512) for st in (2, 3)
+                for wv in (2, 4, 8)] + [(16, 64, bks[0], 4, 3, 8)]  # fmt: skip
     if M <= 16:
-        return [(16, bn, bk, 4, st, wv) for bn in (64, 128, 256) for bk in (64, 128) for st in (3, 4)
-                for wv in (2, 4, 8)]  # fmt: skip
+        return [(16, bn, bk, 4, st, wv) for bn in (64, 128) for bk in bks for st in (3, 4) for wv in (4, 8)]
     if M <= 64:
-        return [(64, bn, bk, 4, st, wv) for bn in (64, 128) for bk in (64, 128) for st in (3, 4)
-                for wv in (0, 2, 4)] + [(32, 128, 128, 4, 4, 4)]  # fmt: skip
+        return [(64, bn, bk, 4, 3, wv) for bn in (64, 128) for bk in bks for wv in (0, 2, 4)]
     if M <= 256:
-        return [(bm, bn, bk, w, 3, 0) for bm in (64, 128) for bn in (64, 128) for bk in (64, 128)
-                for w in (4, 8)]  # fmt: skip
-    return [(bm, bn, 64, 8, st, 0) for bm in (128, 256) for bn in (128, 256) for st in (3, 4)]
+        return [(bm, bn, bk, w, 3, 0) for bm in (64, 128) for bn in (64, 128) for bk in bks for w in (4, 8)]
+    return [(bm, 128, bk, 8, st, 0) for bm in (128, 256) for bk in bks for st in (3, 4)]
 
 
 def sweep(out_lines, table_path):
@@ -309,7 +311,7 @@ def sweep(out_lines, table_path):
                 for n, (K, _, _) in layers.items()
             }
             totals[M] = {}
-            for cfg in _sweep_candidates(M):
+            for cfg in _sweep_candidates(M, bits):
                 try:
                     t = 0.0
                     for n, (_, _, cp) in layers.items():
@@ -327,18 +329,15 @@ def sweep(out_lines, table_path):
                 + f" … worst {ranked[-1][1]:.1f}"
             )
             print(out_lines[-1], flush=True)
-        small = {c: totals[1][c] + totals[16][c] for c in totals[1] if c in totals[16]}
-        b16 = min(small, key=small.get)
-        b64 = min(totals[64], key=totals[64].get)
-        b256 = min(totals[256], key=totals[256].get)
-        b1024 = min(totals[1024], key=totals[1024].get)
+        best = {M: min(totals[M], key=totals[M].get) for M in SWEEP_MS}
         tables[bits] = [
-            [16, *b16],
-            [32, 32, *b16[1:]],
-            [64, *b64],
-            [128, *b256],
-            [256, *b256],
-            [1 << 62, *b1024],
+            [1, *best[1]],
+            [16, *best[16]],
+            [32, 32, *best[16][1:]],
+            [64, *best[64]],
+            [128, *best[256]],
+            [256, *best[256]],
+            [1 << 62, *best[1024]],
         ]
         out_lines.append(f"- W{bits} table chosen: {tables[bits]}")
         print(out_lines[-1], flush=True)

@@ -13,17 +13,26 @@ Structure (in the style of Triton's matmul tutorial):
 
 * ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ = deq(W) · x'ᵀ``
   over a range of K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2
-  reuse). The weights are the first operand of the tensor-core product (wgmma on Hopper), so a small M
-  only has to fill the second operand's N dimension (16 and up). Each K tile lies inside one
-  quantization group (``BLOCK_K`` divides ``group_size``). The packed words of a tile are read once,
-  contiguous along K, repeated in registers (``tl.join``) and shifted to one code per element; the
-  weight is ``(code - zero) · scale`` in the activation dtype, with ``code - zero`` built exactly by the
-  "magic number" trick (fp16 bits ``0x6400 | code`` are ``1024 + code``; bf16 ``0x4300 | code`` are
-  ``128 + code``), then rounded once by the scale multiply, as in Marlin. The product accumulates in
-  fp32. INT3 is unpacked from its bit planes (2-bit-plane words and 1-bit-plane words): 3 words per
-  32 channels are read, never a widened INT4 copy. The salient channels are extra K tiles of 16
-  channels: the kernel gathers ``x[:, salient_idx]`` itself and multiplies it with the fp16 salient
-  weights into the same accumulator; salient tiles are dealt round-robin over the split-K programs.
+  reuse). The packed words of a K tile are read once (``[BLOCK_N, words]``, contiguous along K) and cut
+  into *slices*: INT4 nibble ``j`` of every word (channels ``8c + j``), INT3 bit pair ``j`` of every
+  2-bit-plane word with its bit from the bit-2 plane (channels ``16c + j``; 3 words per 32 channels are
+  read, never a widened INT4 copy). A slice costs one shift and mask per code and no register shuffle;
+  it meets the activations of its own channels, a strided load of ``x`` served by L1/L2. Scales and zero
+  points are read per packed column, so a K tile may span several quantization groups, and the last K
+  tile is masked (any K that is a multiple of 32).
+
+  - ``BLOCK_M >= 16``: the slice, dequantized to ``(code - zero) · scale`` in the activation dtype
+    (``code - zero`` exact by the "magic number" trick: fp16 bits ``0x6400 | code`` are ``1024 + code``,
+    bf16 ``0x4300 | code`` are ``128 + code``; rounded once by the scale multiply, as in Marlin), is the
+    first (register) operand of a tensor-core product into one fp32 accumulator, so a small M only has
+    to fill the second operand's N dimension (16 and up).
+  - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum_j (code - zero) · x`` as fp32
+    FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``), times the scale
+    once per K tile, into a ``[BLOCK_N, C]`` register tile reduced once at the end.
+
+  The salient channels are extra tiles of 16 channels: the kernel gathers ``x[:, salient_idx]`` itself
+  and multiplies it with the fp16 salient weights into the same accumulator; salient tiles are dealt
+  round-robin over the split-K programs.
 * With split-K the programs write fp32 partial sums and ``_splitk_reduce_kernel`` adds them and casts
   to the output dtype (deterministic; no atomics, no memset).
 * The online block rotation is a separate small Triton kernel, ``_block_rotate_kernel``
@@ -63,62 +72,41 @@ SALIENT_BLOCK = 16
 
 
 @triton.jit
-def _dup(w):
-    """Repeat every element of ``w [R, C]`` twice along the last dim, in registers: ``[R, 2C]``."""
-    return tl.reshape(tl.join(w, w), (w.shape[0], 2 * w.shape[1]))
+def _codes_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
+    """Codes of slice ``j`` of a K tile: int32 ``[BLOCK_N, C]``.
+
+    INT4: ``words [BLOCK_N, BLOCK_K/8]`` hold 8 codes each; slice ``j`` is nibble ``j`` of every word
+    (channels ``8c + j`` of the tile). INT3: ``words [BLOCK_N, BLOCK_K/16]`` are the 2-bit-plane words
+    (16 codes each) and ``hi_sel`` the bit-2-plane word of each column shifted to its 16 channels;
+    slice ``j`` is channels ``16c + j``. One shift and mask per code: no register shuffles.
+    """
+    if BITS == 4:
+        return (words >> (4 * j)) & 0xF
+    else:
+        return ((words >> (2 * j)) & 0x3) | (((hi_sel >> j) & 0x1) << 2)
 
 
 @triton.jit
-def _unpack_tile(
-    qw_ptr, kt, hi_off, offs_n, mask_n, stride_qn, stride_qk,
-    BITS: tl.constexpr, BLOCK_K: tl.constexpr, INT3_PLANAR: tl.constexpr,
-):  # fmt: skip
-    """Codes of channels ``kt·BLOCK_K .. (kt+1)·BLOCK_K`` of the rows ``offs_n``: int32 ``[BLOCK_N, BLOCK_K]``.
-
-    The packed words are read once ([BLOCK_N, words] tiles, contiguous along K), repeated in registers
-    (``_dup``, a join: no shuffle) to one copy per code, then shifted and masked.
-    """
-    kk = tl.arange(0, BLOCK_K)
-    base = qw_ptr + offs_n[:, None] * stride_qn
-    if BITS == 4:
-        # 8 codes per word; channel 8r + j sits in bits 4j..4j+3 of word r.
-        cols = kt * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-        w = tl.load(base + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-        w = _dup(_dup(_dup(w)))
-        codes = (w >> ((kk % 8) * 4)[None, :]) & 0xF
+def _dequant_operand(codes, zero, scale, ACT: tl.constexpr, BF16_MAGIC: tl.constexpr):
+    """``(codes - zero) · scale`` as a tensor-core operand (``zero``, ``scale`` broadcast against ``codes``)."""
+    if ACT == 0:
+        # fp16 bits 0x6400 | c == 1024 + c (exact for c < 1024); minus (1024 + z) gives c - z exactly; the
+        # scale multiply rounds once (as Marlin does).
+        w = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return (w - (zero + 1024).to(tl.float16)) * scale.to(tl.float16)
+    elif ACT == 1 and BF16_MAGIC:
+        # bf16 bits 0x4300 | c == 128 + c (exact for c < 128).
+        w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return (w - (zero + 128).to(tl.bfloat16)) * scale.to(tl.bfloat16)
     else:
-        if INT3_PLANAR:
-            # prepare_weights' layout: per row, the K/16 low-bit-plane words (word 2c + h holds the low
-            # 2 bits of channels 32c + 16h + i at bits 2i), then the K/32 bit-2-plane words (word c holds
-            # bit 2 of channels 32c + i at bit i): two contiguous (vectorizable) loads.
-            lo = tl.load(
-                base + (kt * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16))[None, :] * stride_qk,
-                mask=mask_n[:, None],
-                other=0,
-            )
-            hi = tl.load(
-                base + (hi_off + kt * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32))[None, :] * stride_qk,
-                mask=mask_n[:, None],
-                other=0,
-            )
-        else:
-            # Checkpoint layout: chunks of 32 channels in 3 words [low bits 0..15], [low bits 16..31],
-            # [bit 2 of 0..31]; three strided loads.
-            cols = kt * (3 * BLOCK_K // 32) + 3 * tl.arange(0, BLOCK_K // 32)
-            lo0 = tl.load(base + cols[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-            lo1 = tl.load(base + (cols + 1)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-            hi = tl.load(base + (cols + 2)[None, :] * stride_qk, mask=mask_n[:, None], other=0)
-            lo = tl.reshape(tl.join(lo0, lo1), (lo0.shape[0], 2 * lo0.shape[1]))  # word 2c + h
-        lo = _dup(_dup(_dup(_dup(lo))))
-        hi = _dup(_dup(_dup(_dup(_dup(hi)))))
-        codes = ((lo >> (2 * (kk % 16))[None, :]) & 0x3) | (((hi >> (kk % 32)[None, :]) & 0x1) << 2)
-    return codes
+        # fp32 (and bf16 under Triton's interpreter, which gets bf16 arithmetic and dots wrong).
+        return (codes - zero).to(tl.float32) * scale.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
-    M, N, S, k_tiles, tiles_per_split, SPLIT_K, hi_off,
+    M, N, K, S, k_tiles, tiles_per_split, SPLIT_K, hi_off,
     stride_xm, stride_xk,
     stride_qn, stride_qk,
     stride_sn, stride_sg,
@@ -131,9 +119,11 @@ def _rosaq_linear_kernel(
 ):  # fmt: skip
     """One ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ`` over the K tiles of split ``program_id(1)``.
 
-    Computed as ``yᵀ = deq(W) · x'ᵀ``: the dequantized weight tile is the first (register) operand of
-    the tensor-core product, so it never goes through shared memory, and a small M only has to fill
-    the second operand's N dimension (16 and up).
+    Each K tile's packed words are loaded once and cut into slices of codes (``_codes_slice``); each
+    slice meets the activations of its own channels (a strided load of ``x``, served by L1/L2). With
+    ``BLOCK_M >= 16`` a slice is the first (register) operand of a tensor-core product
+    ``deq(W) · x'ᵀ``, so a small M only fills the second operand's N dimension; with ``BLOCK_M == 1``
+    (one token) the slices are plain fp32 FMAs into a ``[BLOCK_N, C]`` register tile, reduced once.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -151,45 +141,72 @@ def _rosaq_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_rows = qw_ptr + offs_n[:, None] * stride_qn
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Channels per packed column of a tile and slices per tile.
+    CH: tl.constexpr = 8 if BITS == 4 else 16
+    C: tl.constexpr = BLOCK_K // CH
+    cols = tl.arange(0, C)
+
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
 
     # ---- quantized part: K tiles [kt_start, kt_end) of this split ----
     kt_start = pid_k * tiles_per_split
     kt_end = min(kt_start + tiles_per_split, k_tiles)
     for kt in range(kt_start, kt_end):
-        k0 = kt * BLOCK_K
-        a = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-        codes = _unpack_tile(qw_ptr, kt, hi_off, offs_n, mask_n, stride_qn, stride_qk, BITS, BLOCK_K, INT3_PLANAR)
-        g = k0 // GROUP_SIZE
-        scale = tl.load(sc_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
-        zero = tl.load(zp_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
-        # The scale goes into the weight tile ((c - z) · s, rounded once to the operand dtype, as
-        # Marlin does), so the tensor-core product accumulates in place and can stay asynchronous.
-        if ACT == 0:
-            # fp16 bits 0x6400 | c  ==  1024 + c  (exact for c < 1024); minus (1024 + z) gives c - z exactly.
-            w = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            w = (w - (zero + 1024).to(tl.float16)[:, None]) * scale.to(tl.float16)[:, None]
-            acc = tl.dot(w, tl.trans(a), acc)
-        elif ACT == 1:
-            if BF16_MAGIC:
-                # bf16 bits 0x4300 | c  ==  128 + c  (exact for c < 128).
-                w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                w = (w - (zero + 128).to(tl.bfloat16)[:, None]) * scale.to(tl.bfloat16)[:, None]
-                acc = tl.dot(w, tl.trans(a), acc)
-            else:
-                # Triton's interpreter gets bf16 arithmetic and bf16 dots wrong (it works on the raw bits);
-                # conversions are right, so it runs this tile in fp32.
-                w = (codes - zero[:, None]).to(tl.float32) * scale.to(tl.float32)[:, None]
-                acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+        k_col = kt * BLOCK_K + cols * CH  # first channel of each packed column
+        mask_c = k_col < K
+        mask_w = mask_n[:, None] & mask_c[None, :]
+        if BITS == 4:
+            words = tl.load(w_rows + (kt * C + cols)[None, :] * stride_qk, mask=mask_w, other=0)
+            hi_sel = words
         else:
-            w = (codes - zero[:, None]).to(tl.float32) * scale.to(tl.float32)[:, None]
-            acc = tl.dot(w, tl.trans(a), acc, input_precision="ieee")
+            if INT3_PLANAR:
+                # prepare_weights' layout: per row the K/16 2-bit-plane words, then the K/32 bit-2 words.
+                words = tl.load(w_rows + (kt * C + cols)[None, :] * stride_qk, mask=mask_w, other=0)
+                hi_col = hi_off + kt * (C // 2) + cols // 2
+            else:
+                # Checkpoint layout: chunks of 32 channels in 3 words [lo 0..15], [lo 16..31], [bit 2 of 0..31].
+                lo_col = kt * (3 * C // 2) + 3 * (cols // 2) + cols % 2
+                words = tl.load(w_rows + lo_col[None, :] * stride_qk, mask=mask_w, other=0)
+                hi_col = kt * (3 * C // 2) + 3 * (cols // 2) + 2
+            # Each bit-2 word serves two 2-bit columns (channels 0..15 and 16..31 of its chunk).
+            hi = tl.load(w_rows + hi_col[None, :] * stride_qk, mask=mask_w, other=0)
+            hi_sel = hi >> ((cols % 2) * 16)[None, :]
+        g_col = k_col // GROUP_SIZE  # a packed column never straddles a group (CH divides GROUP_SIZE)
+        scale = tl.load(sc_ptr + offs_n[:, None] * stride_sn + g_col[None, :] * stride_sg, mask=mask_w, other=0.0)
+        zero = tl.load(zp_ptr + offs_n[:, None] * stride_zn + g_col[None, :] * stride_zg, mask=mask_w, other=0)
+        zero = zero.to(tl.int32)
+        mask_x = mask_m[:, None] & mask_c[None, :]
+        if BLOCK_M == 1:
+            # One token: sum_j (c_j - z) · x_j in fp32, times the scale once per tile. ``c + 2^23`` is the
+            # fp32 with bits 0x4B000000 | c, so c - z is one subtraction, exact.
+            zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
+            part = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+            for j in tl.static_range(CH):
+                codes = _codes_slice(words, hi_sel, j, BITS)
+                a = tl.load(x_rows + (k_col + j)[None, :] * stride_xk, mask=mask_x, other=0.0)
+                w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - zf
+                part += w * a.to(tl.float32)
+            acc2 += part * scale.to(tl.float32)
+        else:
+            for j in tl.static_range(CH):
+                codes = _codes_slice(words, hi_sel, j, BITS)
+                a = tl.load(x_rows + (k_col + j)[None, :] * stride_xk, mask=mask_x, other=0.0)
+                w = _dequant_operand(codes, zero, scale, ACT, BF16_MAGIC)
+                if ACT == 0 or (ACT == 1 and BF16_MAGIC):
+                    acc = tl.dot(w, tl.trans(a), acc)
+                else:
+                    acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
 
     # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
     offs_s = tl.arange(0, BLOCK_S)
+    if BLOCK_M == 1:
+        acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s0 in range(pid_k * BLOCK_S, S, SPLIT_K * BLOCK_S):
         sidx = tl.load(sidx_ptr + s0 + offs_s)
         a = tl.load(x_rows + sidx[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None], other=0.0)
@@ -198,13 +215,17 @@ def _rosaq_linear_kernel(
             mask=mask_n[:, None],
             other=0.0,
         )
-        if ACT == 0:
+        if BLOCK_M == 1:
+            acc_s += tl.sum(ws.to(tl.float32) * a.to(tl.float32), axis=1)
+        elif ACT == 0:
             acc += tl.dot(ws.to(tl.float16), tl.trans(a))
         elif ACT == 1:
             # fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10 bits).
             acc += tl.dot(ws.to(tl.float32), tl.trans(a.to(tl.float32)))
         else:
             acc += tl.dot(ws.to(tl.float32), tl.trans(a), input_precision="ieee")
+    if BLOCK_M == 1:
+        acc = (tl.sum(acc2, axis=1) + acc_s)[:, None]
 
     out_ptrs = out_ptr + pid_k * stride_os + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
     out_mask = mask_n[:, None] & mask_m[None, :]
@@ -272,27 +293,29 @@ def _block_rotate_kernel(
 
 # Fixed launch configurations by M bucket, per bit width:
 #   (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K waves)
-# BLOCK_N is the tensor-core M dimension (the weight rows), BLOCK_M the batch. With waves > 0 the K
-# loop is split so that about ``waves × #SMs`` programs run (capped so that the fp32 partial sums stay
-# small next to the weight); 0 means no split. Chosen once from timings (benchmarks/bench_kernels.py
-# --sweep); no autotuning, which would time kernels during CUDA-graph capture.
-# From the sweep of 2026-11-23 on an H100 (benchmarks/results/kernels-2026-11-23.md).
+# BLOCK_N is the weight rows of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up
+# the tensor-core path, whose slices need BLOCK_K / (8 for INT4, 16 for INT3) >= 16. With waves > 0 the
+# K loop is split so that about ``waves × #SMs`` programs run (capped so that the fp32 partial sums stay
+# small next to the weight); 0 means no split. Chosen from timings (benchmarks/bench_kernels.py --sweep);
+# no autotuning, which would time kernels during CUDA-graph capture.
 _CONFIGS = {
     4: (
-        (16, 16, 64, 64, 4, 3, 8),
-        (32, 32, 64, 64, 4, 3, 8),
-        (64, 64, 64, 128, 4, 3, 4),
-        (128, 128, 64, 64, 4, 3, 0),
-        (256, 128, 64, 64, 4, 3, 0),
-        (1 << 62, 128, 128, 64, 8, 4, 0),
-    ),
-    3: (
+        (1, 1, 64, 256, 4, 2, 4),
         (16, 16, 64, 128, 4, 3, 8),
         (32, 32, 64, 128, 4, 3, 8),
-        (64, 64, 64, 128, 4, 3, 2),
+        (64, 64, 64, 128, 4, 3, 4),
         (128, 128, 64, 128, 4, 3, 0),
         (256, 128, 64, 128, 4, 3, 0),
-        (1 << 62, 256, 128, 64, 8, 3, 0),
+        (1 << 62, 128, 128, 128, 8, 3, 0),
+    ),
+    3: (
+        (1, 1, 64, 256, 4, 2, 4),
+        (16, 16, 64, 256, 4, 3, 8),
+        (32, 32, 64, 256, 4, 3, 8),
+        (64, 64, 64, 256, 4, 3, 2),
+        (128, 128, 64, 256, 4, 3, 0),
+        (256, 128, 64, 256, 4, 3, 0),
+        (1 << 62, 128, 128, 256, 8, 3, 0),
     ),
 }
 _GROUP_M = 8
@@ -323,10 +346,12 @@ def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: tor
     if config is None:
         config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
     bm, bn, bk, warps, stages, waves = config
-    bk = min(bk, group_size)
-    if group_size % bk or bk % 32 or K % bk:
-        raise ValueError(f"group_size={group_size}, K={K}: need K tiles of a multiple of 32 inside a group")
-    k_tiles = K // bk
+    ch = 8 if bits == 4 else 16  # channels per packed column
+    if group_size % ch:
+        raise ValueError(f"group_size={group_size} must be a multiple of {ch} for INT{bits}")
+    if bm > 1 and bk // ch < 16:
+        raise ValueError(f"BLOCK_K={bk}: the tensor-core path needs BLOCK_K >= {16 * ch} for INT{bits}")
+    k_tiles = triton.cdiv(K, bk)
     split = 1
     if waves > 0:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -413,7 +438,7 @@ def rosaq_fused_linear(
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _rosaq_linear_kernel[grid](
         x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
-        M, N, S, k_tiles, tps, split, K // 16,
+        M, N, K, S, k_tiles, tps, split, K // 16,
         x.stride(0), x.stride(1),
         qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1),

@@ -118,6 +118,10 @@ _CASES += [
     (5, 1024, 96, 3, 48, 64, torch.bfloat16),
     (2, 512, 64, 3, 16, 0, torch.float32),
     (300, 256, 96, 4, 16, 64, torch.float16),
+    # K not a multiple of the K tile (a masked last tile), as Llama-2-7B's down_proj (11008 = 43 × 256).
+    (1, 384, 64, 3, 16, 0, torch.float16),
+    (17, 384, 64, 3, 0, 0, torch.bfloat16),
+    (1, 640, 96, 4, 32, 128, torch.float32),
 ]
 
 
@@ -171,3 +175,22 @@ def test_rejects_bad_shapes():
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx[:8], sw[:, :8], None, 4, 128)
     with pytest.raises(ValueError):
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx, sw, None, 3, 128)
+
+
+@late
+@pytest.mark.parametrize(
+    "bits,config",
+    [
+        (4, (1, 32, 64, 4, 2, 0)),  # one-token path, K tiles inside a group, no split
+        (3, (1, 64, 512, 4, 2, 8)),  # one-token path, tiles spanning groups, split-K
+        (4, (16, 32, 256, 4, 2, 8)),  # tensor-core path for one token, split-K
+        (3, (32, 64, 256, 4, 2, 0)),
+    ],
+)
+def test_explicit_launch_configs(bits, config):
+    gen = torch.Generator().manual_seed(50 + bits + config[0])
+    M, K, N, S = 1, 1152, 96, 16
+    args = _random_layer(gen, M, K, N, bits, S, 0, torch.float16)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = rosaq_fused_linear(*args, bits, 128, out=out, config=config)
+    _check(y, _reference64(*args, bits, 128), torch.float16)
