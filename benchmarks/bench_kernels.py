@@ -274,15 +274,16 @@ def _sweep_candidates(M, bits):
     """Launch configs ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, waves)`` worth timing at this M."""
     bks = (128, 256) if bits == 4 else (256, 512)  # tensor-core slices need BLOCK_K / (8 or 16) >= 16
     if M == 1:
-        return [(1, bn, bk, 4, st, wv) for bn in (32, 64, 128) for bk in (256, 512) for st in (2, 3)
-                for wv in (2, 4, 8)] + [(16, 64, bks[0], 4, 3, 8)]  # fmt: skip
+        return [(1, bn, bk, 4, 2, wv) for bn in (32, 64, 128) for bk in (256, 512) for wv in (2, 4, 8)] + [
+            (16, 64, bks[0], 4, 3, 8)
+        ]
     if M <= 16:
-        return [(16, bn, bk, 4, st, wv) for bn in (64, 128) for bk in bks for st in (3, 4) for wv in (4, 8)]
+        return [(16, bn, bk, 4, 3, wv) for bn in (64, 128) for bk in bks for wv in (4, 8)]
     if M <= 64:
         return [(64, bn, bk, 4, 3, wv) for bn in (64, 128) for bk in bks for wv in (0, 2, 4)]
     if M <= 256:
-        return [(bm, bn, bk, w, 3, 0) for bm in (64, 128) for bn in (64, 128) for bk in bks for w in (4, 8)]
-    return [(bm, 128, bk, 8, st, 0) for bm in (128, 256) for bk in bks for st in (3, 4)]
+        return [(bm, bn, bk, 4, 3, 0) for bm in (64, 128) for bn in (64, 128) for bk in bks]
+    return [(bm, 128, bk, 8, 3, 0) for bm in (128, 256) for bk in bks]
 
 
 def sweep(out_lines, table_path):
