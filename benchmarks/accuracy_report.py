@@ -22,20 +22,37 @@ def rows(results: dict) -> list[tuple]:
             rotation, config, k, rounding = key.split("|")
             method = LABELS[rotation]
             k = ",".join(f"{s}/{width}" for width, counts in row["salient"].items() for s in counts)
-        out.append((method, config, k, rounding, row["bits"], row["bits_with_rot"],
-                    *(texts[t]["ppl"] if t in texts else float("nan") for t in ("wiki", "wt2")),
-                    texts.get("wt2", texts.get("wiki"))["nll_bins"]["1-2"],
-                    texts.get("wt2", texts.get("wiki"))["nll_bins"]["128-end"]))
+        out.append(
+            (
+                method,
+                config,
+                k,
+                rounding,
+                row["bits"],
+                row["bits_with_rot"],
+                *(texts[t]["ppl"] if t in texts else float("nan") for t in ("wiki", "wt2")),
+                texts.get("wt2", texts.get("wiki"))["nll_bins"]["1-2"],
+                texts.get("wt2", texts.get("wiki"))["nll_bins"]["128-end"],
+            )
+        )
     return sorted(out, key=lambda r: (r[1], r[0], r[4]))
 
 
+def _ppl(value: float) -> str:
+    return "–" if value != value else f"{value:.2f}"  # nan: text not measured for this row
+
+
 def table(results: dict) -> str:
-    header = ("| method | W/g | S per linear (S/K) | rounding | bits/w | +rot | ppl wiki | ppl wt2 | NLL pos 1 "
-              "| NLL pos ≥128 |")
+    header = (
+        "| method | W/g | S per linear (S/K) | rounding | bits/w | +rot | ppl wiki | ppl wt2 | NLL pos 1 "
+        "| NLL pos ≥128 |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(results):
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} | "
-                     f"{r[8]:.2f} | {r[9]:.2f} |")
+        lines.append(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.2f} | {_ppl(r[6])} | {_ppl(r[7])} | "
+            f"{r[8]:.2f} | {r[9]:.2f} |"
+        )
     return "\n".join(lines)
 
 
