@@ -34,8 +34,9 @@ def quantize_main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="output checkpoint directory (written atomically)")
     parser.add_argument("--bits", type=int, choices=(3, 4), default=4)
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--salient", type=_salient, default=0.01,
-                        help="salient channels per linear: a fraction of its inputs (< 1) or a count (default 0.01)")
+    parser.add_argument("--salient", type=_salient, default=0.03,
+                        help="salient channels per linear: a fraction of its inputs (< 1) or a count "
+                             "(default 0.03, from docs/accuracy.md)")
     parser.add_argument("--rotation", choices=("absorbed", "per-layer", "none"), default="absorbed")
     parser.add_argument("--block-size", type=int, default=128, help="online rotation block of down_proj (absorbed)")
     parser.add_argument("--outlier-ratio", type=float, default=20.0,

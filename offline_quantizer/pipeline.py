@@ -63,7 +63,7 @@ class QuantizeOptions:
 
     bits: int = 4
     group_size: int = 128
-    salient: float = 0.01
+    salient: float = 0.03
     rotation: str = "absorbed"
     block_size: int = 128
     damping: float = 0.01
