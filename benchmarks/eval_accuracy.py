@@ -95,13 +95,14 @@ def stage_grid(args: argparse.Namespace) -> None:
 def stage_llmc(args: argparse.Namespace) -> None:
     directory = model_dir(args.model)
     group_size = args.group_size or MODELS.get(args.model, (None, 128))[1]
-    calib = Path(args.work) / "calibration.txt"
+    work = Path(args.work).resolve()  # the baseline runs with cwd=/tmp
+    calib = work / "calibration.txt"
     calib.parent.mkdir(parents=True, exist_ok=True)
     calib.write_text(assets.calibration_text(), encoding="utf-8")
     texts = eval_texts(directory, args.texts, args.max_tokens)
     for method in args.methods:
         for b in args.bits:
-            out = Path(args.work) / f"{args.model}-{method}-w{b}g{group_size}"
+            out = work / f"{args.model}-{method}-w{b}g{group_size}"
             cmd = [
                 args.llmc_python,
                 str(REPO / "benchmarks/llmc_baseline.py"),
