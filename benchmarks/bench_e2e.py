@@ -347,17 +347,16 @@ def _versions() -> dict:
 def online(args: argparse.Namespace) -> None:
     """OpenAI server on one config; N concurrent streaming completions; TTFT and TPOT percentiles."""
     import asyncio
-    import socket
-    import urllib.request
 
     import numpy as np
+
+    sys.path.insert(0, str(REPO))  # the repo's tests/ package
+    from tests.vllm_server import free_port, running_server
 
     kwargs, env = _engine_args(
         args.out, args.config, args.tp, args.max_model_len, args.gpu_memory_utilization, args.enforce_eager
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -389,33 +388,10 @@ def online(args: argparse.Namespace) -> None:
     if args.enforce_eager:
         cmd.append("--enforce-eager")
     (args.out / "results").mkdir(parents=True, exist_ok=True)
-    log = (args.out / "results" / f"server-{args.config}.log").open("w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env(), **env}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + args.startup_timeout
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited with {server.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {args.startup_timeout}s; see {log.name}")
-            time.sleep(2)
+    log_path = args.out / "results" / f"server-{args.config}.log"
+    with running_server(cmd, port, log_path, {**_env(), **env}, args.startup_timeout):
         vocab = json.loads((Path(kwargs["model"]) / "config.json").read_text())["vocab_size"]
         results = asyncio.run(_load(port, args.requests, args.gen_len, vocab))
-    finally:
-        for sig, wait in ((15, 60), (9, 30)):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=wait)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        log.close()
     ttft = np.array([r["ttft"] for r in results]) * 1000
     tpot = np.array([r["tpot"] for r in results if r["tpot"] is not None]) * 1000
     summary = {

@@ -296,8 +296,9 @@ def _block_rotate_kernel(
 # BLOCK_N is the weight rows of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up
 # the tensor-core path, whose slices need BLOCK_K / (8 for INT4, 16 for INT3) >= 16. With waves > 0 the
 # K loop is split so that about ``waves × #SMs`` programs run (capped so that the fp32 partial sums stay
-# small next to the weight); 0 means no split. Chosen from timings (benchmarks/bench_kernels.py --sweep);
-# no autotuning, which would time kernels during CUDA-graph capture.
+# small next to the weight); 0 means no split. Fixed tables, no autotuning (which would time kernels during
+# CUDA-graph capture). These rows are starting points for the sliced kernel, not yet swept on a GPU: replace
+# them with the output of benchmarks/bench_kernels.py --sweep.
 _CONFIGS = {
     4: (
         (1, 1, 64, 256, 4, 2, 4),
