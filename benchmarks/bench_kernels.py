@@ -274,9 +274,8 @@ def _sweep_candidates(M, bits):
     """Launch configs ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, waves)`` worth timing at this M."""
     bks = (128, 256) if bits == 4 else (256, 512)  # tensor-core slices need BLOCK_K / (8 or 16) >= 16
     if M == 1:
-        return [(1, bn, bk, 4, 2, wv) for bn in (32, 64, 128) for bk in (256, 512) for wv in (2, 4, 8)] + [
-            (16, 64, bks[0], 4, 3, 8)
-        ]
+        fma = [(1, bn, bk, 4, 2, wv) for bn in (16, 32, 64, 128) for bk in (256, 512) for wv in (0, 4, 8)]
+        return fma + [(16, bn, bk, 4, 3, wv) for bn in (32, 64, 128) for bk in bks for wv in (4, 8)]
     if M <= 16:
         return [(16, bn, bk, 4, 3, wv) for bn in (64, 128) for bk in bks for wv in (4, 8)]
     if M <= 64:
