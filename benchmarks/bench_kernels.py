@@ -108,7 +108,7 @@ def make_rosaq(K, N, bits, S, B, gen):
     rot = torch.linalg.qr(torch.randn(K // B, B, B, generator=gen, device="cuda"))[0] if B else None
     qweight = pack(codes, bits)
     del codes
-    return prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits)
+    return prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=GROUP)
 
 
 def rosaq_bytes(M, K, N, bits, S, B):
@@ -271,18 +271,17 @@ SWEEP_MS = (1, 16, 64, 256, 1024)
 
 
 def _sweep_candidates(M, bits):
-    """Launch configs ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, waves)`` worth timing at this M."""
-    bks = (128, 256) if bits == 4 else (256, 512)  # tensor-core slices need BLOCK_K / (8 or 16) >= 16
+    """Launch configs ``(BLOCK_M, BLOCK_N, warps, stages, waves)`` worth timing at this M."""
     if M == 1:
-        fma = [(1, bn, bk, 4, 2, wv) for bn in (16, 32, 64, 128) for bk in (256, 512) for wv in (0, 4, 8)]
-        return fma + [(16, bn, bk, 4, 3, wv) for bn in (32, 64, 128) for bk in bks for wv in (4, 8)]
+        fma = [(1, bn, w, 2, wv) for bn in (16, 32, 64) for w in (2, 4) for wv in (0, 4, 8)]
+        return fma + [(16, bn, 4, 3, wv) for bn in (64, 128) for wv in (4, 8)]
     if M <= 16:
-        return [(16, bn, bk, 4, 3, wv) for bn in (64, 128) for bk in bks for wv in (4, 8)]
+        return [(16, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (2, 4, 8)]
     if M <= 64:
-        return [(64, bn, bk, 4, 3, wv) for bn in (64, 128) for bk in bks for wv in (0, 2, 4)]
+        return [(64, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (0, 2, 4)]
     if M <= 256:
-        return [(bm, bn, bk, 4, 3, 0) for bm in (64, 128) for bn in (64, 128) for bk in bks]
-    return [(bm, 128, bk, 8, 3, 0) for bm in (128, 256) for bk in bks]
+        return [(bm, bn, w, 3, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)]
+    return [(bm, bn, 8, st, 0) for bm in (128, 256) for bn in (128, 256) for st in (3, 4)]
 
 
 def sweep(out_lines, table_path):

@@ -70,7 +70,7 @@ def main() -> int:
             B = ROT_BLOCK.get(name, 0)
             layer = make_layer(K, N, bits, S, B, gen)
             qweight, scales, qzeros, sidx, sw, _ = layer
-            prepared = prepare_weights(*layer, bits=bits)
+            prepared = prepare_weights(*layer, bits=bits, group_size=GROUP)
             rot_used = prepared["rot"]  # fp16-rounded rotation: the logical weight now
             W = dequantize(qweight, scales, qzeros, bits, GROUP)
             for M in ms:
@@ -103,10 +103,10 @@ def main() -> int:
             print(line, flush=True)
             if not ok:
                 failures.append(line)
-            # The op of the prepared layout (INT3: bit-plane regrouped), bf16, M=64.
+            # The op of the prepared (tile-interleaved) layout, bf16, M=64.
             x = torch.randn(64, K, generator=gen, device="cuda", dtype=torch.bfloat16)
             args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
-            y = torch.ops.rosaq.linear(x, *args, bits, GROUP, prepared["int3_planar"])
+            y = torch.ops.rosaq.linear(x, *args, bits, GROUP, True)
             err = rel_err(y, reference(x, W, sidx, sw, rot_used))
             ok = err < TOL[torch.bfloat16] and not torch.isnan(y).any().item()
             line = (

@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--bits", type=int, default=4, choices=(3, 4))
-    ap.add_argument("--config", default=None, help="BM,BN,BK,warps,stages,waves (default: the M-bucket table)")
+    ap.add_argument("--config", default=None, help="BM,BN,warps,stages,waves (default: the M-bucket table)")
     args = ap.parse_args()
     cfg = tuple(int(v) for v in args.config.split(",")) if args.config else None
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -38,7 +38,7 @@ def main() -> None:
         rot = None
         if name == "down":
             rot = torch.linalg.qr(torch.randn(K // 128, 128, 128, generator=gen, device="cuda"))[0]
-        p = prepare_weights(pack(codes, args.bits), scales, qzeros, sidx, sw, rot, bits=args.bits)
+        p = prepare_weights(pack(codes, args.bits), scales, qzeros, sidx, sw, rot, bits=args.bits, group_size=GROUP)
         x = torch.randn(args.m, K, dtype=torch.float16, device="cuda", generator=gen)
         for _ in range(3):
             fused_linear(x, p, args.bits, GROUP, config=cfg)

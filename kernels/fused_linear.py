@@ -5,30 +5,34 @@ Computes, for ``x [M, K]`` (fp16, bf16 or fp32)::
     x' = x · blockdiag(rot)                          (only when ``rot`` is given)
     y  = x'[:, salient_idx] · salient_weightᵀ + x' · deq(qweight)ᵀ
 
-with ``deq(qweight)[n, k] = (code[n, k] - qzeros[n, k // g]) · scales[n, k // g]`` and the packed layouts
-of :mod:`rosaq_kernels.packing`. The definition of correct is
-:func:`rosaq_kernels.reference.rosaq_linear_reference`.
+with ``deq(qweight)[n, k] = (code[n, k] - qzeros[n, k // g]) · scales[n, k // g]``. The definition of
+correct is :func:`rosaq_kernels.reference.rosaq_linear_reference`.
+
+Weight layout: the kernel reads the *tile-interleaved* packing of :mod:`rosaq_kernels.tile_layout`, built
+once from the checkpoint's packing by :func:`prepare_weights` (in ``process_weights_after_loading``), which
+also stores scales and zero points column-major (the ``BLOCK_N`` scales of one group are one contiguous
+load) and casts ``rot`` to the activation dtype. Within a K tile (256 INT4 / 512 INT3 channels), packed
+column ``c`` holds channel ``32·j + c`` of every slice ``j``.
 
 Structure (in the style of Triton's matmul tutorial):
 
 * ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ = deq(W) · x'ᵀ``
   over a range of K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2
-  reuse). The packed words of a K tile are read once (``[BLOCK_N, words]``, contiguous along K) and cut
-  into *slices*: INT4 nibble ``j`` of every word (channels ``8c + j``), INT3 bit pair ``j`` of every
-  2-bit-plane word with its bit from the bit-2 plane (channels ``16c + j``; 3 words per 32 channels are
-  read, never a widened INT4 copy). A slice costs one shift and mask per code and no register shuffle;
-  it meets the activations of its own channels, a strided load of ``x`` served by L1/L2. Scales and zero
-  points are read per packed column, so a K tile may span several quantization groups, and the last K
-  tile is masked (any K that is a multiple of 32).
+  reuse). A K tile's words are read once (``[BLOCK_N, 32]`` contiguous words per row; INT3 also its 16
+  bit-2 words) and cut into slices of 32 consecutive channels with one shift and mask per code (INT4:
+  nibble ``j``; INT3: bit pair ``j`` plus bit ``j`` of the bit-2 word; never a widened INT4 copy). Each
+  slice meets a contiguous ``[BLOCK_M, 32]`` block of ``x`` and one scale and zero point per row (a slice
+  lies in one quantization group: the group size is a multiple of 32). The last tile's padding reads
+  ``x`` and scales as 0.
 
   - ``BLOCK_M >= 16``: the slice, dequantized to ``(code - zero) · scale`` in the activation dtype
     (``code - zero`` exact by the "magic number" trick: fp16 bits ``0x6400 | code`` are ``1024 + code``,
     bf16 ``0x4300 | code`` are ``128 + code``; rounded once by the scale multiply, as in Marlin), is the
     first (register) operand of a tensor-core product into one fp32 accumulator, so a small M only has
     to fill the second operand's N dimension (16 and up).
-  - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum_j (code - zero) · x`` as fp32
-    FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``), times the scale
-    once per K tile, into a ``[BLOCK_N, C]`` register tile reduced once at the end.
+  - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
+    FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``) into a
+    ``[BLOCK_N, 32]`` register tile, times the scale once per quantization group, reduced once at the end.
 
   The salient channels are extra tiles of 16 channels: the kernel gathers ``x[:, salient_idx]`` itself
   and multiplies it with the fp16 salient weights into the same accumulator; salient tiles are dealt
@@ -40,13 +44,6 @@ Structure (in the style of Triton's matmul tutorial):
   kernel. It is not fused: the main kernel splits N over many programs, and each would have to redo
   the rotation of its x tile and re-read ``rot`` (``K·B`` elements; B/BLOCK_N times the GEMM's flops),
   which costs more than one extra pass over x (``M·K`` elements).
-
-Weight layout: the kernel reads every tensor through its strides, so ``torch.ops.rosaq.linear`` runs
-it on the checkpoint layout as is. :func:`prepare_weights` (called once, in
-``process_weights_after_loading``) stores scales and zero points column-major (coalesced loads of a
-group's ``BLOCK_N`` scales), casts ``rot`` to fp16, and regroups INT3 words by bit plane so that a tile
-is two contiguous loads instead of three strided ones; ``torch.ops.rosaq.linear`` (with ``int3_planar``) and
-:func:`fused_linear` take that layout.
 
 CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the only
 allocations are ``torch.empty`` (torch's caching allocator), and nothing reads device memory on the
@@ -62,6 +59,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from rosaq_kernels.tile_layout import SLICE, TILE, TILE_WORDS, to_kernel_layout
 
 # Activation kinds (a constexpr of the kernels).
 _ACT_FP16, _ACT_BF16, _ACT_FP32 = 0, 1, 2
@@ -73,12 +71,11 @@ SALIENT_BLOCK = 16
 
 @triton.jit
 def _codes_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
-    """Codes of slice ``j`` of a K tile: int32 ``[BLOCK_N, C]``.
+    """Codes of slice ``j`` of a tile (channels ``32·j + c``): int32 ``[BLOCK_N, 32]``.
 
-    INT4: ``words [BLOCK_N, BLOCK_K/8]`` hold 8 codes each; slice ``j`` is nibble ``j`` of every word
-    (channels ``8c + j`` of the tile). INT3: ``words [BLOCK_N, BLOCK_K/16]`` are the 2-bit-plane words
-    (16 codes each) and ``hi_sel`` the bit-2-plane word of each column shifted to its 16 channels;
-    slice ``j`` is channels ``16c + j``. One shift and mask per code: no register shuffles.
+    INT4: ``words`` are the tile's 32 words per row, slice ``j`` is nibble ``j``. INT3: ``words`` are the 32
+    low-bit words and ``hi_sel`` each column's bit-2 word shifted to its 16 bits; slice ``j`` is bit pair
+    ``j`` plus bit ``j``. One shift and mask per code: no register shuffles.
     """
     if BITS == 4:
         return (words >> (4 * j)) & 0xF
@@ -106,24 +103,25 @@ def _dequant_operand(codes, zero, scale, ACT: tl.constexpr, BF16_MAGIC: tl.const
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
-    M, N, K, S, k_tiles, tiles_per_split, SPLIT_K, hi_off,
+    M, N, K, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
-    stride_qn, stride_qk,
+    stride_qn,
     stride_sn, stride_sg,
     stride_zn, stride_zg,
     stride_wn, stride_ws,
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr, INT3_PLANAR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ`` over the K tiles of split ``program_id(1)``.
 
-    Each K tile's packed words are loaded once and cut into slices of codes (``_codes_slice``); each
-    slice meets the activations of its own channels (a strided load of ``x``, served by L1/L2). With
-    ``BLOCK_M >= 16`` a slice is the first (register) operand of a tensor-core product
-    ``deq(W) · x'ᵀ``, so a small M only fills the second operand's N dimension; with ``BLOCK_M == 1``
-    (one token) the slices are plain fp32 FMAs into a ``[BLOCK_N, C]`` register tile, reduced once.
+    Each K tile's packed words (tile-interleaved layout) are loaded once and cut into slices of 32
+    consecutive channels (``_codes_slice``); each slice meets a contiguous ``[BLOCK_M, 32]`` block of
+    ``x`` and one scale and zero point per row. With ``BLOCK_M >= 16`` a slice is the first (register)
+    operand of a tensor-core product ``deq(W) · x'ᵀ``, so a small M only fills the second operand's N
+    dimension; with ``BLOCK_M == 1`` (one token) the slices are fp32 FMAs into a ``[BLOCK_N, 32]``
+    register tile, scaled once per quantization group and reduced once at the end.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -143,14 +141,20 @@ def _rosaq_linear_kernel(
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = qw_ptr + offs_n[:, None] * stride_qn
+    sc_rows = sc_ptr + offs_n * stride_sn
+    zp_rows = zp_ptr + offs_n * stride_zn
 
-    # Channels per packed column of a tile and slices per tile.
-    CH: tl.constexpr = 8 if BITS == 4 else 16
-    C: tl.constexpr = BLOCK_K // CH
-    cols = tl.arange(0, C)
+    # Slices per tile, channels per tile, words per tile row (see rosaq_kernels.tile_layout).
+    SL: tl.constexpr = 32
+    NSL: tl.constexpr = 8 if BITS == 4 else 16
+    TILE: tl.constexpr = SL * NSL
+    TW: tl.constexpr = 32 if BITS == 4 else 48
+    # Slices that share one scale (one quantization group) inside a tile; 1 when groups and tiles do not nest.
+    SPG: tl.constexpr = (GROUP_SIZE // SL) if TILE % GROUP_SIZE == 0 else (NSL if GROUP_SIZE % TILE == 0 else 1)
+    cols = tl.arange(0, SL)
 
     if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, SL), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
 
@@ -158,46 +162,34 @@ def _rosaq_linear_kernel(
     kt_start = pid_k * tiles_per_split
     kt_end = min(kt_start + tiles_per_split, k_tiles)
     for kt in range(kt_start, kt_end):
-        k_col = kt * BLOCK_K + cols * CH  # first channel of each packed column
-        mask_c = k_col < K
-        mask_w = mask_n[:, None] & mask_c[None, :]
+        words = tl.load(w_rows + (kt * TW + cols)[None, :], mask=mask_n[:, None], other=0)
         if BITS == 4:
-            words = tl.load(w_rows + (kt * C + cols)[None, :] * stride_qk, mask=mask_w, other=0)
             hi_sel = words
         else:
-            if INT3_PLANAR:
-                # prepare_weights' layout: per row the K/16 2-bit-plane words, then the K/32 bit-2 words.
-                words = tl.load(w_rows + (kt * C + cols)[None, :] * stride_qk, mask=mask_w, other=0)
-                hi_col = hi_off + kt * (C // 2) + cols // 2
-            else:
-                # Checkpoint layout: chunks of 32 channels in 3 words [lo 0..15], [lo 16..31], [bit 2 of 0..31].
-                lo_col = kt * (3 * C // 2) + 3 * (cols // 2) + cols % 2
-                words = tl.load(w_rows + lo_col[None, :] * stride_qk, mask=mask_w, other=0)
-                hi_col = kt * (3 * C // 2) + 3 * (cols // 2) + 2
-            # Each bit-2 word serves two 2-bit columns (channels 0..15 and 16..31 of its chunk).
-            hi = tl.load(w_rows + hi_col[None, :] * stride_qk, mask=mask_w, other=0)
+            hi = tl.load(w_rows + (kt * TW + SL + cols // 2)[None, :], mask=mask_n[:, None], other=0)
             hi_sel = hi >> ((cols % 2) * 16)[None, :]
-        g_col = k_col // GROUP_SIZE  # a packed column never straddles a group (CH divides GROUP_SIZE)
-        scale = tl.load(sc_ptr + offs_n[:, None] * stride_sn + g_col[None, :] * stride_sg, mask=mask_w, other=0.0)
-        zero = tl.load(zp_ptr + offs_n[:, None] * stride_zn + g_col[None, :] * stride_zg, mask=mask_w, other=0)
-        zero = zero.to(tl.int32)
-        mask_x = mask_m[:, None] & mask_c[None, :]
-        if BLOCK_M == 1:
-            # One token: sum_j (c_j - z) · x_j in fp32, times the scale once per tile. ``c + 2^23`` is the
-            # fp32 with bits 0x4B000000 | c, so c - z is one subtraction, exact.
-            zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
-            part = tl.zeros((BLOCK_N, C), dtype=tl.float32)
-            for j in tl.static_range(CH):
-                codes = _codes_slice(words, hi_sel, j, BITS)
-                a = tl.load(x_rows + (k_col + j)[None, :] * stride_xk, mask=mask_x, other=0.0)
-                w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - zf
+        for j in tl.static_range(NSL):
+            k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
+            codes = _codes_slice(words, hi_sel, j, BITS)
+            # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
+            a = tl.load(x_rows + (k0 + cols)[None, :] * stride_xk, mask=mask_m[:, None] & (k0 + cols < K)[None, :],
+                        other=0.0)
+            if j % SPG == 0:
+                g = min(k0, K - 1) // GROUP_SIZE
+                scale = tl.load(sc_rows + g * stride_sg, mask=mask_n, other=0.0)
+                zero = tl.load(zp_rows + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+            if BLOCK_M == 1:
+                # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
+                # is one exact subtraction), times the scale once per group.
+                if j % SPG == 0:
+                    zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
+                    part = tl.zeros((BLOCK_N, SL), dtype=tl.float32)
+                w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]
                 part += w * a.to(tl.float32)
-            acc2 += part * scale.to(tl.float32)
-        else:
-            for j in tl.static_range(CH):
-                codes = _codes_slice(words, hi_sel, j, BITS)
-                a = tl.load(x_rows + (k_col + j)[None, :] * stride_xk, mask=mask_x, other=0.0)
-                w = _dequant_operand(codes, zero, scale, ACT, BF16_MAGIC)
+                if (j + 1) % SPG == 0:
+                    acc2 += part * scale.to(tl.float32)[:, None]
+            else:
+                w = _dequant_operand(codes, zero[:, None], scale[:, None], ACT, BF16_MAGIC)
                 if ACT == 0 or (ACT == 1 and BF16_MAGIC):
                     acc = tl.dot(w, tl.trans(a), acc)
                 else:
@@ -292,31 +284,30 @@ def _block_rotate_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Fixed launch configurations by M bucket, per bit width:
-#   (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K waves)
-# BLOCK_N is the weight rows of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up
-# the tensor-core path, whose slices need BLOCK_K / (8 for INT4, 16 for INT3) >= 16. With waves > 0 the
-# K loop is split so that about ``waves × #SMs`` programs run (capped so that the fp32 partial sums stay
-# small next to the weight); 0 means no split. Fixed tables, no autotuning (which would time kernels during
-# CUDA-graph capture). These rows are starting points for the sliced kernel, not yet swept on a GPU: replace
-# them with the output of benchmarks/bench_kernels.py --sweep.
+#   (max M, BLOCK_M, BLOCK_N, num_warps, num_stages, split-K waves)
+# BLOCK_N is the weight rows of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up the
+# tensor-core path. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for INT4, 512 for
+# INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so that the
+# fp32 partial sums stay small next to the weight); 0 means no split. Fixed tables, no autotuning (which would
+# time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py --sweep (see BENCHMARKS.md).
 _CONFIGS = {
     4: (
-        (1, 1, 64, 256, 4, 2, 4),
-        (16, 16, 64, 128, 4, 3, 8),
-        (32, 32, 64, 128, 4, 3, 8),
-        (64, 64, 64, 128, 4, 3, 4),
-        (128, 128, 64, 128, 4, 3, 0),
-        (256, 128, 64, 128, 4, 3, 0),
-        (1 << 62, 128, 128, 128, 8, 3, 0),
+        (1, 1, 16, 4, 2, 4),
+        (16, 16, 128, 4, 3, 4),
+        (32, 32, 128, 4, 3, 4),
+        (64, 64, 64, 4, 3, 2),
+        (128, 64, 64, 4, 3, 0),
+        (256, 64, 64, 4, 3, 0),
+        (1 << 62, 128, 128, 8, 3, 0),
     ),
     3: (
-        (1, 1, 64, 256, 4, 2, 4),
-        (16, 16, 64, 256, 4, 3, 8),
-        (32, 32, 64, 256, 4, 3, 8),
-        (64, 64, 64, 256, 4, 3, 2),
-        (128, 128, 64, 256, 4, 3, 0),
-        (256, 128, 64, 256, 4, 3, 0),
-        (1 << 62, 128, 128, 256, 8, 3, 0),
+        (1, 1, 32, 4, 2, 4),
+        (16, 16, 128, 4, 3, 8),
+        (32, 32, 128, 4, 3, 8),
+        (64, 64, 64, 4, 3, 4),
+        (128, 64, 64, 4, 3, 0),
+        (256, 64, 64, 4, 3, 0),
+        (1 << 62, 128, 128, 8, 3, 0),
     ),
 }
 _GROUP_M = 8
@@ -342,17 +333,12 @@ def _device_sms(device: torch.device) -> int:
     return 132  # interpreter / CPU: pretend an H100, so CPU tests exercise split-K
 
 
-def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device, config=None):
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, k_tiles, tiles_per_split, split)``."""
+def _pick_config(M: int, N: int, K: int, bits: int, device: torch.device, config=None):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, k_tiles, tiles_per_split, split)``."""
     if config is None:
         config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
-    bm, bn, bk, warps, stages, waves = config
-    ch = 8 if bits == 4 else 16  # channels per packed column
-    if group_size % ch:
-        raise ValueError(f"group_size={group_size} must be a multiple of {ch} for INT{bits}")
-    if bm > 1 and bk // ch < 16:
-        raise ValueError(f"BLOCK_K={bk}: the tensor-core path needs BLOCK_K >= {16 * ch} for INT{bits}")
-    k_tiles = triton.cdiv(K, bk)
+    bm, bn, warps, stages, waves = config
+    k_tiles = triton.cdiv(K, TILE[bits])
     split = 1
     if waves > 0:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -362,7 +348,7 @@ def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: tor
         split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    return bm, bn, bk, warps, stages, k_tiles, tiles_per_split, split
+    return bm, bn, warps, stages, k_tiles, tiles_per_split, split
 
 
 def _rot_block(B: int) -> int:
@@ -401,27 +387,36 @@ def rosaq_fused_linear(
     bits: int,
     group_size: int,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int, int] | None = None,
-    int3_planar: bool = False,
+    config: tuple[int, int, int, int, int] | None = None,
+    kernel_layout: bool = False,
 ) -> torch.Tensor:
     """The fused ROSAQ linear; same arguments and result as ``rosaq_linear_reference``.
 
-    Takes the checkpoint layout or the layout of :func:`prepare_weights` (any strides). ``out`` is an
-    optional ``[M, N]`` buffer of ``x.dtype`` to write into. ``config`` overrides the M-bucket table
-    (``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split-K waves)``; for benchmarks and tuning).
-    ``int3_planar``: ``qweight`` (INT3) is in the bit-plane-separated layout of :func:`prepare_weights`.
+    ``qweight`` is in the checkpoint's packing, or (``kernel_layout=True``) in the tile-interleaved layout
+    of :func:`prepare_weights`; the checkpoint's packing is converted on every call (tests and one-off
+    calls; serving prepares once). Other tensors: any strides. ``out`` is an optional ``[M, N]`` buffer of
+    ``x.dtype`` to write into. ``config`` overrides the M-bucket table (``(BLOCK_M, BLOCK_N, num_warps,
+    num_stages, split-K waves)``; for benchmarks and tuning).
     """
     if x.dtype not in _ACT_KIND:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
     if bits not in (3, 4):
         raise ValueError(f"bits must be 3 or 4, got {bits}")
+    if group_size % SLICE:
+        raise ValueError(f"group_size={group_size} is not a multiple of {SLICE}")
     M, K = x.shape
     N = qweight.shape[0]
     S = salient_idx.numel()
     if S % SALIENT_BLOCK:
         raise ValueError(f"number of salient channels must be a multiple of {SALIENT_BLOCK}, got {S}")
-    if qweight.shape[1] * 32 != K * bits:
-        raise ValueError(f"qweight {tuple(qweight.shape)} does not hold K={K} INT{bits} codes")
+    if K % SLICE or scales.shape[1] * group_size != K:
+        raise ValueError(f"K={K} must be a multiple of {SLICE} and match scales {tuple(scales.shape)}")
+    if not kernel_layout:
+        if qweight.shape[1] * 32 != K * bits:
+            raise ValueError(f"qweight {tuple(qweight.shape)} does not hold K={K} INT{bits} codes")
+        qweight = to_kernel_layout(qweight, bits, K)
+    elif qweight.shape[1] != triton.cdiv(K, TILE[bits]) * TILE_WORDS[bits] or qweight.stride(1) != 1:
+        raise ValueError(f"qweight {tuple(qweight.shape)} is not the kernel layout of K={K} INT{bits} codes")
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -433,22 +428,22 @@ def rosaq_fused_linear(
         sw_strides = (0, 0)
     else:
         sw_strides = (salient_weight.stride(0), salient_weight.stride(1))
-    bm, bn, bk, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, group_size, x.device, config)
+    bm, bn, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, x.device, config)
     dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
     _rosaq_linear_kernel[grid](
         x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
-        M, N, K, S, k_tiles, tps, split, K // 16,
+        M, N, K, S, k_tiles, tps, split,
         x.stride(0), x.stride(1),
-        qweight.stride(0), qweight.stride(1),
+        qweight.stride(0),
         scales.stride(0), scales.stride(1),
         qzeros.stride(0), qzeros.stride(1),
         sw_strides[0], sw_strides[1],
         dest_strides[0], dest_strides[1], dest_strides[2],
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
-        BF16_MAGIC=not _interpreting(), INT3_PLANAR=bits == 3 and int3_planar, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
+        BF16_MAGIC=not _interpreting(), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         rbm, rbn = 16, 256
@@ -465,26 +460,6 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-def int3_to_planar(qweight: torch.Tensor) -> torch.Tensor:
-    """INT3 checkpoint words ``[N, 3K/32]`` to the kernel's bit-plane-separated layout (same shape).
-
-    Per row: the ``K/16`` low-bit-plane words in chunk order (``[lo 0..15, lo 16..31]`` of chunk 0,
-    then chunk 1, ...), then the ``K/32`` bit-2-plane words. The words themselves are unchanged.
-    """
-    n_rows, width = qweight.shape
-    words = qweight.reshape(n_rows, width // 3, 3)
-    return torch.cat([words[:, :, :2].reshape(n_rows, -1), words[:, :, 2]], dim=1).contiguous()
-
-
-def int3_from_planar(planar: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`int3_to_planar`."""
-    n_rows, width = planar.shape
-    n_chunks = width // 3
-    lo = planar[:, : 2 * n_chunks].reshape(n_rows, n_chunks, 2)
-    hi = planar[:, 2 * n_chunks :].reshape(n_rows, n_chunks, 1)
-    return torch.cat([lo, hi], dim=2).reshape(n_rows, width).contiguous()
-
-
 def prepare_weights(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -492,28 +467,26 @@ def prepare_weights(
     salient_idx: torch.Tensor,
     salient_weight: torch.Tensor,
     rot: torch.Tensor | None,
-    bits: int | None = None,
+    bits: int,
+    group_size: int,
     rot_dtype: torch.dtype = torch.float16,
 ) -> dict:
     """Repack a checkpoint's tensors for the kernel (call once, in ``process_weights_after_loading``).
 
-    Returns a dict of the tensors of a ROSAQ linear: ``scales`` and ``qzeros`` stored column-major
-    (``[K/g, N]`` in memory; the ``BLOCK_N`` scales of one group are one contiguous load), ``qweight``
-    and ``salient_weight`` row-major (weight tiles are read along K), ``rot`` in ``rot_dtype``. With
-    ``bits=3`` the INT3 words are also regrouped by bit plane (:func:`int3_to_planar`;
-    ``"int3_planar": True``) so that each tile is two contiguous loads instead of three strided ones.
-    Apart from that regrouping (and the rounding of ``rot``), the tensors are the checkpoint's logical
-    tensors. Use with :func:`fused_linear` or ``torch.ops.rosaq.linear`` (passing ``int3_planar``).
+    Returns a dict of the tensors of a ROSAQ linear: ``qweight`` in the tile-interleaved layout
+    (:func:`rosaq_kernels.tile_layout.to_kernel_layout`, int32 ``[N, ceil(K / TILE) · TILE_WORDS]``),
+    ``scales`` (fp16) and ``qzeros`` stored column-major (``[K/g, N]`` in memory: the ``BLOCK_N`` scales of
+    one group are one contiguous load), ``salient_idx`` int32, ``salient_weight`` fp16 row-major, ``rot`` in
+    ``rot_dtype``. Use with :func:`fused_linear`, or ``torch.ops.rosaq.linear`` with ``kernel_layout=True``.
     """
-    planar = bits == 3
+    in_features = scales.shape[1] * group_size
     return {
-        "qweight": int3_to_planar(qweight) if planar else qweight.contiguous(),
+        "qweight": to_kernel_layout(qweight, bits, in_features),
         "scales": _column_major(scales.to(torch.float16)),
         "qzeros": _column_major(qzeros),
         "salient_idx": salient_idx.to(torch.int32).contiguous(),
         "salient_weight": salient_weight.to(torch.float16).contiguous(),
         "rot": None if rot is None else rot.to(rot_dtype).contiguous(),
-        "int3_planar": planar,
     }
 
 
@@ -523,7 +496,7 @@ def fused_linear(
     bits: int,
     group_size: int,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """:func:`rosaq_fused_linear` on the output of :func:`prepare_weights`."""
     return rosaq_fused_linear(
@@ -538,5 +511,5 @@ def fused_linear(
         group_size,
         out=out,
         config=config,
-        int3_planar=prepared.get("int3_planar", False),
+        kernel_layout=True,
     )

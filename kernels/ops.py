@@ -21,22 +21,22 @@ def rosaq_linear(
     rot: torch.Tensor | None,
     bits: int,
     group_size: int,
-    int3_planar: bool = False,
+    kernel_layout: bool = False,
 ) -> torch.Tensor:
     """ROSAQ linear without bias: ``x [M, K]`` to ``[M, N]`` in ``x.dtype`` (see ``reference``).
 
-    Takes the checkpoint layout or that of ``rosaq_kernels.fused_linear.prepare_weights``; ``int3_planar``
-    says whether INT3 words were regrouped by bit plane there.
+    ``qweight`` in the checkpoint's packing, or (``kernel_layout``) in the tile-interleaved layout of
+    ``rosaq_kernels.fused_linear.prepare_weights`` (what serving passes).
     """
     if x.is_cuda:
         from rosaq_kernels.fused_linear import rosaq_fused_linear
 
         return rosaq_fused_linear(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size,
-                                  int3_planar=int3_planar)
-    if int3_planar:
-        from rosaq_kernels.fused_linear import int3_from_planar
+                                  kernel_layout=kernel_layout)
+    if kernel_layout:
+        from rosaq_kernels.tile_layout import from_kernel_layout
 
-        qweight = int3_from_planar(qweight)
+        qweight = from_kernel_layout(qweight, bits, x.shape[1])
     return rosaq_linear_reference(x, qweight, scales, qzeros, salient_idx, salient_weight, rot, bits, group_size)
 
 
@@ -51,6 +51,6 @@ def _rosaq_linear_fake(
     rot: torch.Tensor | None,
     bits: int,
     group_size: int,
-    int3_planar: bool = False,
+    kernel_layout: bool = False,
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -146,13 +146,12 @@ class RosaqLinearMethod(LinearMethodBase):
                    "salient_idx": salient_idx, "salient_weight": salient_weight,
                    "rot": layer.rot.data if "rot" in layer.rosaq_loaded else None}
         del layer.rosaq_loaded
-        self.int3_planar = False
-        if layer.qweight.is_cuda:  # the fused Triton kernel's layout (rosaq_kernels.fused_linear.prepare_weights)
+        self.kernel_layout = layer.qweight.is_cuda
+        if self.kernel_layout:  # the fused Triton kernel's layout (rosaq_kernels.fused_linear.prepare_weights)
             from rosaq_kernels.fused_linear import prepare_weights
 
-            prepared = prepare_weights(**tensors, bits=self.quant_config.bits, rot_dtype=layer.rosaq_params_dtype)
-            self.int3_planar = prepared.pop("int3_planar")
-            tensors = prepared
+            tensors = prepare_weights(**tensors, bits=self.quant_config.bits, group_size=self.quant_config.group_size,
+                                      rot_dtype=layer.rosaq_params_dtype)
         for name, data in tensors.items():
             value = None if data is None else torch.nn.Parameter(data, requires_grad=False)
             setattr(layer, name, value)
@@ -161,7 +160,7 @@ class RosaqLinearMethod(LinearMethodBase):
         flat = x.reshape(-1, x.shape[-1])
         args = (flat, layer.qweight, layer.scales, layer.qzeros, layer.salient_idx, layer.salient_weight, layer.rot,
                 self.quant_config.bits, self.quant_config.group_size)
-        y = torch.ops.rosaq.linear(*args, self.int3_planar)
+        y = torch.ops.rosaq.linear(*args, self.kernel_layout)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -32,11 +32,10 @@ try:
     import triton  # noqa: F401
     from rosaq_kernels.fused_linear import (  # noqa: E402
         fused_linear,
-        int3_from_planar,
-        int3_to_planar,
         prepare_weights,
         rosaq_fused_linear,
     )
+    from rosaq_kernels.tile_layout import TILE, TILE_WORDS, from_kernel_layout, to_kernel_layout
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton (interpreter) unavailable: {exc!r}", allow_module_level=True)
 
@@ -137,15 +136,21 @@ def test_fused_matches_reference(M, K, N, bits, S, B, dtype):
 
 
 @late
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (4, 32), (3, 128)])
-def test_prepared_layout_and_group_sizes(bits, group_size):
+@pytest.mark.parametrize(
+    "bits,group_size,K",
+    # Groups inside a tile (several slices per scale), one slice per group, groups spanning whole tiles,
+    # and group sizes that neither divide nor are divided by the tile (one scale load per slice).
+    [(4, 64, 256), (3, 32, 256), (4, 32, 256), (3, 128, 256), (4, 512, 1024), (3, 512, 1024), (4, 96, 768),
+     (3, 160, 640)],
+)
+def test_prepared_layout_and_group_sizes(bits, group_size, K):
     gen = torch.Generator().manual_seed(1000 + bits * 100 + group_size)
-    M, K, N, S = 3, 256, 64, 16
+    M, N, S = 3, 64, 16
     x, qweight, scales, qzeros, sidx, sw, rot = _random_layer(gen, M, K, N, bits, S, 64, torch.float16, group_size)
-    prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits)
-    assert prepared["int3_planar"] == (bits == 3)
-    qw = int3_from_planar(prepared["qweight"]) if bits == 3 else prepared["qweight"]
-    assert torch.equal(qw, qweight) and torch.equal(prepared["qzeros"], qzeros)
+    prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=group_size)
+    assert prepared["qweight"].shape == (N, -(-K // TILE[bits]) * TILE_WORDS[bits])
+    assert torch.equal(from_kernel_layout(prepared["qweight"], bits, K), qweight)
+    assert torch.equal(prepared["qzeros"], qzeros)
     assert torch.equal(prepared["scales"], scales) and prepared["scales"].stride() == (1, N)
     assert torch.equal(prepared["salient_weight"], sw) and prepared["rot"].dtype == torch.float16
     ref = _reference64(
@@ -153,18 +158,34 @@ def test_prepared_layout_and_group_sizes(bits, group_size):
     )  # the prepared (fp16-rounded) rotation is the weight now
     out = torch.full((M, N), float("nan"), dtype=torch.float16)
     _check(fused_linear(x, prepared, bits, group_size, out=out), ref, torch.float16)
-    # The op of the prepared layout (on CPU: the reference after undoing the INT3 regrouping).
+    # The one-token path with this group size too.
+    out1 = torch.full((1, N), float("nan"), dtype=torch.float16)
+    _check(fused_linear(x[:1], prepared, bits, group_size, out=out1), ref[:1], torch.float16)
+    # The op of the prepared layout (on CPU: the reference after undoing the tile interleaving).
     args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
-    y = torch.ops.rosaq.linear(x, *args, bits, group_size, prepared["int3_planar"])
+    y = torch.ops.rosaq.linear(x, *args, bits, group_size, True)
     _check(y, ref, torch.float16)
 
 
-def test_int3_planar_roundtrip():
-    codes = torch.randint(0, 8, (5, 96), generator=torch.Generator().manual_seed(3))
-    packed = pack(codes, 3)
-    planar = int3_to_planar(packed)
-    assert planar.shape == packed.shape and not torch.equal(planar, packed)
-    assert torch.equal(int3_from_planar(planar), packed)
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("K", [256, 384, 1152, 11008])
+def test_kernel_layout_roundtrip_and_slices(bits, K):
+    """Packed column c of tile t holds channel t·TILE + 32·j + c in slice j; the layout round-trips."""
+    gen = torch.Generator().manual_seed(K + bits)
+    codes = torch.randint(0, 2**bits, (5, K), generator=gen)
+    packed = pack(codes, bits)
+    kw = to_kernel_layout(packed, bits, K)
+    assert kw.dtype == torch.int32 and kw.shape == (5, -(-K // TILE[bits]) * TILE_WORDS[bits])
+    assert torch.equal(from_kernel_layout(kw, bits, K), packed)
+    words = (kw.long() & 0xFFFFFFFF).view(5, -1, TILE_WORDS[bits])
+    for _ in range(20):
+        ch = int(torch.randint(0, K, (1,), generator=gen))
+        t, j, c = ch // TILE[bits], (ch % TILE[bits]) // 32, ch % 32
+        if bits == 4:
+            got = (words[:, t, c] >> (4 * j)) & 0xF
+        else:
+            got = ((words[:, t, c] >> (2 * j)) & 3) | (((words[:, t, 32 + c // 2] >> (16 * (c % 2) + j)) & 1) << 2)
+        assert torch.equal(got, codes[:, ch].long()), (ch, t, j, c)
 
 
 @late
@@ -175,16 +196,19 @@ def test_rejects_bad_shapes():
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx[:8], sw[:, :8], None, 4, 128)
     with pytest.raises(ValueError):
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx, sw, None, 3, 128)
+    x, qweight, scales, qzeros, sidx, sw, _ = _random_layer(gen, 2, 384, 64, 4, 16, 0, torch.float16)
+    with pytest.raises(ValueError):  # the checkpoint's packing passed as the kernel layout
+        rosaq_fused_linear(x, qweight, scales, qzeros, sidx, sw, None, 4, 128, kernel_layout=True)
 
 
 @late
 @pytest.mark.parametrize(
     "bits,config",
     [
-        (4, (1, 32, 64, 4, 2, 0)),  # one-token path, K tiles inside a group, no split
-        (3, (1, 64, 512, 4, 2, 8)),  # one-token path, tiles spanning groups, split-K
-        (4, (16, 32, 256, 4, 2, 8)),  # tensor-core path for one token, split-K
-        (3, (32, 64, 256, 4, 2, 0)),
+        (4, (1, 32, 4, 2, 0)),  # one-token path, no split
+        (3, (1, 64, 4, 2, 8)),  # one-token path, split-K
+        (4, (16, 32, 4, 2, 8)),  # tensor-core path for one token, split-K
+        (3, (32, 64, 4, 2, 0)),
     ],
 )
 def test_explicit_launch_configs(bits, config):
