@@ -273,15 +273,15 @@ SWEEP_MS = (1, 16, 64, 256, 1024)
 def _sweep_candidates(M, bits):
     """Launch configs ``(BLOCK_M, BLOCK_N, warps, stages, waves)`` worth timing at this M."""
     if M == 1:
-        fma = [(1, bn, w, 2, wv) for bn in (16, 32, 64) for w in (2, 4) for wv in (0, 4, 8)]
+        fma = [(1, bn, w, 2, wv) for bn in (32, 64, 128) for w in (2, 4) for wv in (0, 4, 8)]
         return fma + [(16, bn, 4, 3, wv) for bn in (64, 128) for wv in (4, 8)]
     if M <= 16:
         return [(16, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (2, 4, 8)]
     if M <= 64:
         return [(64, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (0, 2, 4)]
     if M <= 256:
-        return [(bm, bn, w, 3, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)]
-    return [(bm, bn, 8, st, 0) for bm in (128, 256) for bn in (128, 256) for st in (3, 4)]
+        return [(bm, bn, w, st, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
+    return [(bm, bn, w, st, 0) for bm in (128, 256) for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
 
 
 def sweep(out_lines, table_path):
@@ -321,6 +321,10 @@ def sweep(out_lines, table_path):
                     print(f"  skip W{bits} {cfg}: {type(exc).__name__}", flush=True)
                     continue
                 totals[M][cfg] = t
+            if not totals[M]:
+                totals[M] = {next(row[1:] for row in _CONFIGS[bits] if M <= row[0]): float("inf")}
+                out_lines.append(f"- W{bits} M={M}: no candidate ran; the current table row is kept")
+                continue
             ranked = sorted(totals[M].items(), key=lambda kv: kv[1])
             out_lines.append(
                 f"- W{bits} M={M}: "

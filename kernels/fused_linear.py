@@ -71,10 +71,10 @@ SALIENT_BLOCK = 16
 
 @triton.jit
 def _codes_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
-    """Codes of slice ``j`` of a tile (channels ``32·j + c``): int32 ``[BLOCK_N, 32]``.
+    """Codes of slice ``j`` of a tile (row ``c`` = channel ``32·j + c``): int32 ``[32, BLOCK_N]``.
 
-    INT4: ``words`` are the tile's 32 words per row, slice ``j`` is nibble ``j``. INT3: ``words`` are the 32
-    low-bit words and ``hi_sel`` each column's bit-2 word shifted to its 16 bits; slice ``j`` is bit pair
+    INT4: ``words`` are the tile's 32 words per output row, slice ``j`` is nibble ``j``. INT3: ``words`` are
+    the 32 low-bit words and ``hi_sel`` each one's bit-2 word shifted to its 16 bits; slice ``j`` is bit pair
     ``j`` plus bit ``j``. One shift and mask per code: no register shuffles.
     """
     if BITS == 4:
@@ -105,7 +105,7 @@ def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
     M, N, K, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
-    stride_qn,
+    stride_qk,
     stride_sn, stride_sg,
     stride_zn, stride_zg,
     stride_wn, stride_ws,
@@ -114,18 +114,18 @@ def _rosaq_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
 ):  # fmt: skip
-    """One ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ`` over the K tiles of split ``program_id(1)``.
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``y`` over the K tiles of split ``program_id(1)``.
 
-    Each K tile's packed words (tile-interleaved layout) are loaded once and cut into slices of 32
-    consecutive channels (``_codes_slice``); each slice meets a contiguous ``[BLOCK_M, 32]`` block of
-    ``x`` and one scale and zero point per row. With ``BLOCK_M >= 16`` a slice is the first (register)
-    operand of a tensor-core product ``deq(W) · x'ᵀ``, so a small M only fills the second operand's N
-    dimension; with ``BLOCK_M == 1`` (one token) the slices are fp32 FMAs into a ``[BLOCK_N, 32]``
-    register tile, scaled once per quantization group and reduced once at the end.
+    Each K tile's packed words (tile-interleaved, ``[words, BLOCK_N]``) are loaded once and cut into
+    slices ``[32, BLOCK_N]`` of 32 consecutive channels (``_codes_slice``); each slice meets a contiguous
+    block of 32 activations per row and one scale and zero point per output. With ``BLOCK_M >= 16`` the
+    dequantized slice is the second operand of a tensor-core product ``x' · deq(W)ᵀ``; with ``BLOCK_M == 1``
+    (one token) the slices are fp32 FMAs into a ``[32, BLOCK_N]`` register tile, scaled once per
+    quantization group and reduced once at the end.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # Grouped ordering of the output tiles (Triton tutorial): neighbours share weight rows in L2.
+    # Grouped ordering of the output tiles (Triton tutorial): neighbours share weight columns in L2.
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: see the test module on the interpreter
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_pid_in_group = GROUP_M * num_pid_n
@@ -140,87 +140,93 @@ def _rosaq_linear_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    w_rows = qw_ptr + offs_n[:, None] * stride_qn
-    sc_rows = sc_ptr + offs_n * stride_sn
-    zp_rows = zp_ptr + offs_n * stride_zn
+    w_cols = qw_ptr + offs_n[None, :]
+    sc_cols = sc_ptr + offs_n * stride_sn
+    zp_cols = zp_ptr + offs_n * stride_zn
 
-    # Slices per tile, channels per tile, words per tile row (see rosaq_kernels.tile_layout).
+    # Slices per tile, channels per tile, words per tile (see rosaq_kernels.tile_layout).
     SL: tl.constexpr = 32
     NSL: tl.constexpr = 8 if BITS == 4 else 16
     TILE: tl.constexpr = SL * NSL
     TW: tl.constexpr = 32 if BITS == 4 else 48
     # Slices that share one scale (one quantization group) inside a tile; 1 when groups and tiles do not nest.
     SPG: tl.constexpr = (GROUP_SIZE // SL) if TILE % GROUP_SIZE == 0 else (NSL if GROUP_SIZE % TILE == 0 else 1)
-    cols = tl.arange(0, SL)
+    rows = tl.arange(0, SL)
 
     if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_N, SL), dtype=tl.float32)
+        acc2 = tl.zeros((SL, BLOCK_N), dtype=tl.float32)
+        x_row = x_ptr + pid_m * stride_xm
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # ---- quantized part: K tiles [kt_start, kt_end) of this split ----
     kt_start = pid_k * tiles_per_split
     kt_end = min(kt_start + tiles_per_split, k_tiles)
     for kt in range(kt_start, kt_end):
-        words = tl.load(w_rows + (kt * TW + cols)[None, :], mask=mask_n[:, None], other=0)
+        words = tl.load(w_cols + (kt * TW + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
         if BITS == 4:
             hi_sel = words
         else:
-            hi = tl.load(w_rows + (kt * TW + SL + cols // 2)[None, :], mask=mask_n[:, None], other=0)
-            hi_sel = hi >> ((cols % 2) * 16)[None, :]
+            hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
+            hi_sel = hi >> ((rows % 2) * 16)[:, None]
         for j in tl.static_range(NSL):
             k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
             codes = _codes_slice(words, hi_sel, j, BITS)
-            # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
-            a = tl.load(x_rows + (k0 + cols)[None, :] * stride_xk, mask=mask_m[:, None] & (k0 + cols < K)[None, :],
-                        other=0.0)
             if j % SPG == 0:
+                # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
                 g = min(k0, K - 1) // GROUP_SIZE
-                scale = tl.load(sc_rows + g * stride_sg, mask=mask_n, other=0.0)
-                zero = tl.load(zp_rows + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+                scale = tl.load(sc_cols + g * stride_sg, mask=mask_n, other=0.0)
+                zero = tl.load(zp_cols + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
             if BLOCK_M == 1:
                 # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
                 # is one exact subtraction), times the scale once per group.
+                xk = tl.load(x_row + (k0 + rows) * stride_xk, mask=k0 + rows < K, other=0.0)  # (pid_m < M always)
                 if j % SPG == 0:
                     zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
-                    part = tl.zeros((BLOCK_N, SL), dtype=tl.float32)
-                w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - zf[:, None]
-                part += w * a.to(tl.float32)
+                    part = tl.zeros((SL, BLOCK_N), dtype=tl.float32)
+                w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
+                part += w * xk.to(tl.float32)[:, None]
                 if (j + 1) % SPG == 0:
-                    acc2 += part * scale.to(tl.float32)[:, None]
+                    acc2 += part * scale.to(tl.float32)[None, :]
             else:
-                w = _dequant_operand(codes, zero[:, None], scale[:, None], ACT, BF16_MAGIC)
+                a = tl.load(
+                    x_rows + (k0 + rows)[None, :] * stride_xk, mask=mask_m[:, None] & (k0 + rows < K)[None, :],
+                    other=0.0,
+                )
+                w = _dequant_operand(codes, zero[None, :], scale[None, :], ACT, BF16_MAGIC)
                 if ACT == 0 or (ACT == 1 and BF16_MAGIC):
-                    acc = tl.dot(w, tl.trans(a), acc)
+                    acc = tl.dot(a, w, acc)
                 else:
-                    acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+                    acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
 
     # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
     offs_s = tl.arange(0, BLOCK_S)
     if BLOCK_M == 1:
         acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s0 in range(pid_k * BLOCK_S, S, SPLIT_K * BLOCK_S):
-        sidx = tl.load(sidx_ptr + s0 + offs_s)
-        a = tl.load(x_rows + sidx[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None], other=0.0)
+        sidx = tl.load(sidx_ptr + s0 + offs_s).to(tl.int64)
         ws = tl.load(
-            sw_ptr + offs_n[:, None] * stride_wn + (s0 + offs_s)[None, :] * stride_ws,
-            mask=mask_n[:, None],
+            sw_ptr + offs_n[None, :] * stride_wn + (s0 + offs_s)[:, None] * stride_ws,
+            mask=mask_n[None, :],
             other=0.0,
-        )
+        )  # [BLOCK_S, BLOCK_N]
         if BLOCK_M == 1:
-            acc_s += tl.sum(ws.to(tl.float32) * a.to(tl.float32), axis=1)
-        elif ACT == 0:
-            acc += tl.dot(ws.to(tl.float16), tl.trans(a))
-        elif ACT == 1:
-            # fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10 bits).
-            acc += tl.dot(ws.to(tl.float32), tl.trans(a.to(tl.float32)))
+            xs = tl.load(x_row + sidx * stride_xk)
+            acc_s += tl.sum(ws.to(tl.float32) * xs.to(tl.float32)[:, None], axis=0)
         else:
-            acc += tl.dot(ws.to(tl.float32), tl.trans(a), input_precision="ieee")
+            a = tl.load(x_rows + sidx[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
+            if ACT == 0:
+                acc += tl.dot(a, ws.to(tl.float16))
+            elif ACT == 1:
+                # fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10 bits).
+                acc += tl.dot(a.to(tl.float32), ws.to(tl.float32))
+            else:
+                acc += tl.dot(a, ws.to(tl.float32), input_precision="ieee")
     if BLOCK_M == 1:
-        acc = (tl.sum(acc2, axis=1) + acc_s)[:, None]
+        acc = (tl.sum(acc2, axis=0) + acc_s)[None, :]
 
-    out_ptrs = out_ptr + pid_k * stride_os + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
-    out_mask = mask_n[:, None] & mask_m[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -307,7 +313,7 @@ _CONFIGS = {
         (64, 64, 64, 4, 3, 4),
         (128, 64, 64, 4, 3, 0),
         (256, 64, 64, 4, 3, 0),
-        (1 << 62, 128, 128, 8, 3, 0),
+        (1 << 62, 128, 64, 4, 2, 0),
     ),
 }
 _GROUP_M = 8
@@ -405,7 +411,6 @@ def rosaq_fused_linear(
     if group_size % SLICE:
         raise ValueError(f"group_size={group_size} is not a multiple of {SLICE}")
     M, K = x.shape
-    N = qweight.shape[0]
     S = salient_idx.numel()
     if S % SALIENT_BLOCK:
         raise ValueError(f"number of salient channels must be a multiple of {SALIENT_BLOCK}, got {S}")
@@ -415,8 +420,9 @@ def rosaq_fused_linear(
         if qweight.shape[1] * 32 != K * bits:
             raise ValueError(f"qweight {tuple(qweight.shape)} does not hold K={K} INT{bits} codes")
         qweight = to_kernel_layout(qweight, bits, K)
-    elif qweight.shape[1] != triton.cdiv(K, TILE[bits]) * TILE_WORDS[bits] or qweight.stride(1) != 1:
+    elif qweight.shape[0] != triton.cdiv(K, TILE[bits]) * TILE_WORDS[bits] or qweight.stride(1) != 1:
         raise ValueError(f"qweight {tuple(qweight.shape)} is not the kernel layout of K={K} INT{bits} codes")
+    N = qweight.shape[1]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -474,9 +480,9 @@ def prepare_weights(
     """Repack a checkpoint's tensors for the kernel (call once, in ``process_weights_after_loading``).
 
     Returns a dict of the tensors of a ROSAQ linear: ``qweight`` in the tile-interleaved layout
-    (:func:`rosaq_kernels.tile_layout.to_kernel_layout`, int32 ``[N, ceil(K / TILE) · TILE_WORDS]``),
-    ``scales`` (fp16) and ``qzeros`` stored column-major (``[K/g, N]`` in memory: the ``BLOCK_N`` scales of
-    one group are one contiguous load), ``salient_idx`` int32, ``salient_weight`` fp16 row-major, ``rot`` in
+    (:func:`rosaq_kernels.tile_layout.to_kernel_layout`, int32 ``[ceil(K / TILE) · TILE_WORDS, N]``),
+    ``scales`` (fp16), ``qzeros`` and ``salient_weight`` (fp16) stored column-major (``[K/g, N]`` and
+    ``[S, N]`` in memory: contiguous along the outputs of a tile), ``salient_idx`` int32, ``rot`` in
     ``rot_dtype``. Use with :func:`fused_linear`, or ``torch.ops.rosaq.linear`` with ``kernel_layout=True``.
     """
     in_features = scales.shape[1] * group_size
@@ -485,7 +491,7 @@ def prepare_weights(
         "scales": _column_major(scales.to(torch.float16)),
         "qzeros": _column_major(qzeros),
         "salient_idx": salient_idx.to(torch.int32).contiguous(),
-        "salient_weight": salient_weight.to(torch.float16).contiguous(),
+        "salient_weight": _column_major(salient_weight.to(torch.float16)),
         "rot": None if rot is None else rot.to(rot_dtype).contiguous(),
     }
 

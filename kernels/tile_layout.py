@@ -11,8 +11,10 @@ activations (one quantization group, since the group size is a multiple of 32):
   in bits ``2j, 2j+1`` (``j < 16``); words ``32..47``, bit 2: word ``32 + c // 2`` holds that of channel
   ``32·j + c`` at bit ``16·(c % 2) + j``. 3 bits per code, no widened copy.
 
-Rows are ``[N, tiles · words per tile]`` int32. The checkpoint's own packing (:mod:`rosaq_kernels.packing`)
-is unchanged: this layout exists only in memory (``prepare_weights``).
+The words are stored transposed, ``[tiles · words per tile, N]`` int32, contiguous along the output
+dimension: a tile is ``[words, BLOCK_N]`` of coalesced 16-byte loads, and one activation serves all the
+codes a thread holds of one packed column. The checkpoint's own packing (:mod:`rosaq_kernels.packing`) is
+unchanged: this layout exists only in memory (``prepare_weights``).
 """
 
 import torch
@@ -31,7 +33,7 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def to_kernel_layout(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Checkpoint words ``[N, packed_width(K)]`` to tile-interleaved words ``[N, ceil(K / TILE) · TILE_WORDS]``."""
+    """Checkpoint words ``[N, packed_width(K)]`` to tile-interleaved words ``[ceil(K / TILE) · TILE_WORDS, N]``."""
     codes = unpack(qweight, bits).to(torch.int64)
     n_rows = codes.shape[0]
     tiles = -(-in_features // TILE[bits])
@@ -44,13 +46,13 @@ def to_kernel_layout(qweight: torch.Tensor, bits: int, in_features: int) -> torc
         low = ((codes & 0x3) << (2 * j)).sum(2)  # [N, T, 32]
         bit2 = (((codes >> 2) & 0x1) << j).sum(2)  # [N, T, 32], 16 bits each
         words = torch.cat([low, bit2[..., 0::2] | (bit2[..., 1::2] << 16)], dim=2)
-    return _to_int32(words.reshape(n_rows, -1))
+    return _to_int32(words.reshape(n_rows, -1)).t().contiguous()
 
 
 def from_kernel_layout(kweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`to_kernel_layout`: the checkpoint's words ``[N, packed_width(K)]``."""
-    n_rows = kweight.shape[0]
-    w = (kweight.to(torch.int64) & 0xFFFFFFFF).view(n_rows, -1, TILE_WORDS[bits])
+    n_rows = kweight.shape[1]
+    w = (kweight.t().to(torch.int64) & 0xFFFFFFFF).reshape(n_rows, -1, TILE_WORDS[bits])
     j = torch.arange(SLICES[bits], dtype=torch.int64, device=w.device).view(1, 1, -1, 1)
     if bits == 4:
         codes = (w.unsqueeze(2) >> (4 * j)) & 0xF

@@ -148,11 +148,12 @@ def test_prepared_layout_and_group_sizes(bits, group_size, K):
     M, N, S = 3, 64, 16
     x, qweight, scales, qzeros, sidx, sw, rot = _random_layer(gen, M, K, N, bits, S, 64, torch.float16, group_size)
     prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=group_size)
-    assert prepared["qweight"].shape == (N, -(-K // TILE[bits]) * TILE_WORDS[bits])
+    assert prepared["qweight"].shape == (-(-K // TILE[bits]) * TILE_WORDS[bits], N)
     assert torch.equal(from_kernel_layout(prepared["qweight"], bits, K), qweight)
     assert torch.equal(prepared["qzeros"], qzeros)
     assert torch.equal(prepared["scales"], scales) and prepared["scales"].stride() == (1, N)
-    assert torch.equal(prepared["salient_weight"], sw) and prepared["rot"].dtype == torch.float16
+    assert torch.equal(prepared["salient_weight"], sw) and prepared["salient_weight"].stride() == (1, N)
+    assert prepared["rot"].dtype == torch.float16
     ref = _reference64(
         x, qweight, scales, qzeros, sidx, sw, prepared["rot"].float(), bits, group_size
     )  # the prepared (fp16-rounded) rotation is the weight now
@@ -175,9 +176,9 @@ def test_kernel_layout_roundtrip_and_slices(bits, K):
     codes = torch.randint(0, 2**bits, (5, K), generator=gen)
     packed = pack(codes, bits)
     kw = to_kernel_layout(packed, bits, K)
-    assert kw.dtype == torch.int32 and kw.shape == (5, -(-K // TILE[bits]) * TILE_WORDS[bits])
+    assert kw.dtype == torch.int32 and kw.shape == (-(-K // TILE[bits]) * TILE_WORDS[bits], 5) and kw.stride(1) == 1
     assert torch.equal(from_kernel_layout(kw, bits, K), packed)
-    words = (kw.long() & 0xFFFFFFFF).view(5, -1, TILE_WORDS[bits])
+    words = (kw.t().long() & 0xFFFFFFFF).reshape(5, -1, TILE_WORDS[bits])
     for _ in range(20):
         ch = int(torch.randint(0, K, (1,), generator=gen))
         t, j, c = ch // TILE[bits], (ch % TILE[bits]) // 32, ch % 32
@@ -196,7 +197,7 @@ def test_rejects_bad_shapes():
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx[:8], sw[:, :8], None, 4, 128)
     with pytest.raises(ValueError):
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx, sw, None, 3, 128)
-    x, qweight, scales, qzeros, sidx, sw, _ = _random_layer(gen, 2, 384, 64, 4, 16, 0, torch.float16)
+    x, qweight, scales, qzeros, sidx, sw, _ = _random_layer(gen, 2, 384, 96, 4, 16, 0, torch.float16)
     with pytest.raises(ValueError):  # the checkpoint's packing passed as the kernel layout
         rosaq_fused_linear(x, qweight, scales, qzeros, sidx, sw, None, 4, 128, kernel_layout=True)
 
