@@ -397,7 +397,7 @@ def main() -> int:
             with open(args.table) as f:
                 for bits, rows in json.load(f).items():
                     set_config_table(int(bits), rows)
-        lines.append(f"- ROSAQ launch tables (max M, BM, BN, BK, warps, stages, waves): {dict(_CONFIGS)}")
+        lines.append(f"- ROSAQ launch tables (max M, BM, BN, warps, stages, waves): {dict(_CONFIGS)}")
         bench(models, ms, vk, bw, lines)
     report = "\n".join(lines)
     print("\n" + report)
