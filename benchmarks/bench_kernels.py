@@ -276,7 +276,7 @@ def _sweep_candidates(M, bits):
         fma = [(1, bn, w, 2, wv) for bn in (32, 64, 128) for w in (2, 4) for wv in (0, 4, 8)]
         return fma + [(16, bn, 4, 3, wv) for bn in (64, 128) for wv in (4, 8)]
     if M <= 16:
-        return [(16, bn, w, 3, wv) for bn in (32, 64, 128) for w in (4, 8) for wv in (4, 8)]
+        return [(16, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (2, 4, 8)]
     if M <= 64:
         return [(64, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (0, 2, 4)]
     if M <= 256:
@@ -284,7 +284,7 @@ def _sweep_candidates(M, bits):
     return [(bm, bn, w, st, 0) for bm in (128, 256) for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
 
 
-def sweep(out_lines, table_path, sweep_ms=SWEEP_MS):
+def sweep(out_lines, table_path):
     """Time candidate launch configs on the Llama-2-7B shapes (S = 1%); write the best M-bucket tables."""
     import json
 
@@ -304,7 +304,7 @@ def sweep(out_lines, table_path, sweep_ms=SWEEP_MS):
             ]
             layers[name] = (K, N, cp)
         totals = {}  # M -> {cfg: µs per layer}
-        for M in sweep_ms:
+        for M in SWEEP_MS:
             xs = {
                 n: torch.randn(M, K, dtype=torch.float16, device="cuda", generator=gen)
                 for n, (K, _, _) in layers.items()
@@ -332,8 +332,6 @@ def sweep(out_lines, table_path, sweep_ms=SWEEP_MS):
                 + f" … worst {ranked[-1][1]:.1f}"
             )
             print(out_lines[-1], flush=True)
-        for M in SWEEP_MS:  # buckets not swept keep the current table's row
-            totals.setdefault(M, {next(row[1:] for row in _CONFIGS[bits] if M <= row[0]): float("inf")})
         best = {M: min(totals[M], key=totals[M].get) for M in SWEEP_MS}
         tables[bits] = [
             [1, *best[1]],
@@ -359,7 +357,6 @@ def main() -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--out", default=None, help="write the markdown report here too")
     ap.add_argument("--sweep", action="store_true", help="time candidate configs, write --table")
-    ap.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="M buckets to sweep")
     ap.add_argument("--table", default=None, help="JSON M-bucket tables {bits: rows} (written by --sweep)")
     ap.add_argument("--no-vllm", action="store_true", help="skip Marlin and Machete")
     args = ap.parse_args()
@@ -392,7 +389,7 @@ def main() -> int:
     )
     print("\n".join(lines), flush=True)
     if args.sweep:
-        sweep(lines, args.table, [int(m) for m in args.sweep_ms.split(",")])
+        sweep(lines, args.table)
     else:
         if args.table:
             import json

@@ -25,12 +25,11 @@ Structure (in the style of Triton's matmul tutorial):
   lies in one quantization group: the group size is a multiple of 32). The last tile's padding reads
   ``x`` and scales as 0.
 
-  - ``BLOCK_M >= 16``: 8 slices at a time are dequantized to ``(code - zero) · scale`` in the activation
-    dtype (``code - zero`` exact by the "magic number" trick: fp16 bits ``0x6400 | code`` are ``1024 + code``,
-    bf16 ``0x4300 | code`` are ``128 + code``; rounded once by the scale multiply, as in Marlin) into one
-    ``[256, BLOCK_N]`` operand of a tensor-core product, row ``8·c + i`` being channel ``32·(8h + i) + c``. The
-    activations are read in that order from a permuted copy (``permute_for_tiles``, one extra pass over
-    ``x``, made before the launch), so each product is 256 channels deep.
+  - ``BLOCK_M >= 16``: the slice, dequantized to ``(code - zero) · scale`` in the activation dtype
+    (``code - zero`` exact by the "magic number" trick: fp16 bits ``0x6400 | code`` are ``1024 + code``,
+    bf16 ``0x4300 | code`` are ``128 + code``; rounded once by the scale multiply, as in Marlin), is the
+    first (register) operand of a tensor-core product into one fp32 accumulator, so a small M only has
+    to fill the second operand's N dimension (16 and up).
   - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
     FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``) into a
     ``[BLOCK_N, 32]`` register tile, times the scale once per quantization group, reduced once at the end.
@@ -103,10 +102,9 @@ def _dequant_operand(codes, zero, scale, ACT: tl.constexpr, BF16_MAGIC: tl.const
 
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
-    x_ptr, xp_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
+    x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
     M, N, K, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
-    stride_pm, stride_pk,
     stride_qk,
     stride_sn, stride_sg,
     stride_zn, stride_zg,
@@ -142,7 +140,6 @@ def _rosaq_linear_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    xp_rows = xp_ptr + offs_m[:, None] * stride_pm
     w_cols = qw_ptr + offs_n[None, :]
     sc_cols = sc_ptr + offs_n * stride_sn
     zp_cols = zp_ptr + offs_n * stride_zn
@@ -155,8 +152,6 @@ def _rosaq_linear_kernel(
     # Slices that share one scale (one quantization group) inside a tile; 1 when groups and tiles do not nest.
     SPG: tl.constexpr = (GROUP_SIZE // SL) if TILE % GROUP_SIZE == 0 else (NSL if GROUP_SIZE % TILE == 0 else 1)
     rows = tl.arange(0, SL)
-    HS: tl.constexpr = 8  # slices per tensor-core product
-    slc = tl.arange(0, HS)
 
     if BLOCK_M == 1:
         acc2 = tl.zeros((SL, BLOCK_N), dtype=tl.float32)
@@ -174,42 +169,31 @@ def _rosaq_linear_kernel(
         else:
             hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
             hi_sel = hi >> ((rows % 2) * 16)[:, None]
-        if BLOCK_M == 1:
-            # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z is
-            # one exact subtraction) per slice, times the scale once per group.
-            for j in tl.static_range(NSL):
-                k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
-                codes = _codes_slice(words, hi_sel, j, BITS)
+        for j in tl.static_range(NSL):
+            k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
+            codes = _codes_slice(words, hi_sel, j, BITS)
+            if j % SPG == 0:
+                # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
+                g = min(k0, K - 1) // GROUP_SIZE
+                scale = tl.load(sc_cols + g * stride_sg, mask=mask_n, other=0.0)
+                zero = tl.load(zp_cols + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+            if BLOCK_M == 1:
+                # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
+                # is one exact subtraction), times the scale once per group.
                 xk = tl.load(x_row + (k0 + rows) * stride_xk, mask=k0 + rows < K, other=0.0)  # (pid_m < M always)
                 if j % SPG == 0:
-                    # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
-                    g = min(k0, K - 1) // GROUP_SIZE
-                    scale = tl.load(sc_cols + g * stride_sg, mask=mask_n, other=0.0)
-                    zero = tl.load(zp_cols + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
                     zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
                     part = tl.zeros((SL, BLOCK_N), dtype=tl.float32)
                 w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - zf[None, :]
                 part += w * xk.to(tl.float32)[:, None]
                 if (j + 1) % SPG == 0:
                     acc2 += part * scale.to(tl.float32)[None, :]
-        else:
-            # Tensor cores: 8 slices at a time as one [256, BLOCK_N] operand whose row c·8 + i is channel
-            # 32·(8h + i) + c; the activations come pre-permuted to that order (``xp``, see permute_for_tiles).
-            for h in tl.static_range(NSL // HS):
-                jj = h * HS + slc  # the slices of this product
-                if BITS == 4:
-                    codes3 = (words[:, None, :] >> (4 * jj)[None, :, None]) & 0xF
-                else:
-                    codes3 = ((words[:, None, :] >> (2 * jj)[None, :, None]) & 0x3) | (
-                        ((hi_sel[:, None, :] >> jj[None, :, None]) & 0x1) << 2
-                    )
-                g = tl.minimum(kt * TILE + SL * jj, K - 1) // GROUP_SIZE  # [HS]: one group per slice
-                scale = tl.load(sc_cols[None, :] + g[:, None] * stride_sg, mask=mask_n[None, :], other=0.0)
-                zero = tl.load(zp_cols[None, :] + g[:, None] * stride_zg, mask=mask_n[None, :], other=0).to(tl.int32)
-                w = _dequant_operand(codes3, zero[None, :, :], scale[None, :, :], ACT, BF16_MAGIC)
-                w = tl.reshape(w, (SL * HS, BLOCK_N))
-                a = tl.load(xp_rows + (kt * TILE + h * SL * HS + tl.arange(0, SL * HS))[None, :] * stride_pk,
-                            mask=mask_m[:, None], other=0.0)
+            else:
+                a = tl.load(
+                    x_rows + (k0 + rows)[None, :] * stride_xk, mask=mask_m[:, None] & (k0 + rows < K)[None, :],
+                    other=0.0,
+                )
+                w = _dequant_operand(codes, zero[None, :], scale[None, :], ACT, BF16_MAGIC)
                 if ACT == 0 or (ACT == 1 and BF16_MAGIC):
                     acc = tl.dot(a, w, acc)
                 else:
@@ -244,21 +228,6 @@ def _rosaq_linear_kernel(
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _permute_kernel(
-    x_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_om,
-    NSL: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """``out[:, t·TILE + 256·h + 8·c + i] = x[:, t·TILE + 32·(8h + i) + c]`` (0 past K) for one (M tile, K tile t)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    p = tl.arange(0, 32 * NSL)
-    src = tl.program_id(1) * 32 * NSL + 32 * (HS * (p // (32 * HS)) + p % HS) + (p % (32 * HS)) // HS
-    mask_m = (offs_m < M)[:, None]
-    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :] * stride_xk, mask=mask_m & (src < K)[None, :],
-                other=0.0)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + (tl.program_id(1) * 32 * NSL + p)[None, :], a, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
@@ -413,23 +382,6 @@ def block_rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def permute_for_tiles(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x [M, K]`` to ``[M, ceil(K / TILE) · TILE]`` in the channel order of the tensor-core products.
-
-    Within each K tile, position ``256·h + 8·c + i`` holds channel ``32·(8h + i) + c`` (padding: 0): the
-    row order of the kernel's dequantized ``[256, BLOCK_N]`` operands. One extra pass over ``x`` (small next
-    to the weights at the M where the tensor-core path runs).
-    """
-    M, K = x.shape
-    tiles = triton.cdiv(K, TILE[bits])
-    out = torch.empty((M, tiles * TILE[bits]), dtype=x.dtype, device=x.device)
-    bm = 16
-    _permute_kernel[(triton.cdiv(M, bm), tiles)](
-        x, out, M, K, x.stride(0), x.stride(1), out.stride(0), NSL=TILE[bits] // SLICE, HS=8, BLOCK_M=bm, num_warps=4
-    )
-    return out
-
-
 def rosaq_fused_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -486,12 +438,10 @@ def rosaq_fused_linear(
     dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
-    xp = x if bm == 1 else permute_for_tiles(x, bits)
     _rosaq_linear_kernel[grid](
-        x, xp, qweight, scales, qzeros, salient_idx, salient_weight, dest,
+        x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
         M, N, K, S, k_tiles, tps, split,
         x.stride(0), x.stride(1),
-        xp.stride(0), xp.stride(1),
         qweight.stride(0),
         scales.stride(0), scales.stride(1),
         qzeros.stride(0), qzeros.stride(1),

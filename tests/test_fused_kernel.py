@@ -32,7 +32,6 @@ try:
     import triton  # noqa: F401
     from rosaq_kernels.fused_linear import (  # noqa: E402
         fused_linear,
-        permute_for_tiles,
         prepare_weights,
         rosaq_fused_linear,
     )
@@ -220,18 +219,3 @@ def test_explicit_launch_configs(bits, config):
     out = torch.full((M, N), float("nan"), dtype=torch.float16)
     y = rosaq_fused_linear(*args, bits, 128, out=out, config=config)
     _check(y, _reference64(*args, bits, 128), torch.float16)
-
-
-@late
-@pytest.mark.parametrize("bits,K", [(4, 384), (3, 1152)])
-def test_permute_for_tiles(bits, K):
-    """Position t·TILE + 256·h + 8·c + i of the permuted activations is channel t·TILE + 32·(8h + i) + c."""
-    x = torch.randn(19, K, generator=torch.Generator().manual_seed(K), dtype=torch.float32).half()
-    xp = permute_for_tiles(x, bits)
-    tiles = -(-K // TILE[bits])
-    assert xp.shape == (19, tiles * TILE[bits])
-    p = torch.arange(tiles * TILE[bits])
-    t, r = p // TILE[bits], p % TILE[bits]
-    src = t * TILE[bits] + 32 * (8 * (r // 256) + r % 8) + (r % 256) // 8
-    expected = torch.nn.functional.pad(x, (0, tiles * TILE[bits] - K))[:, src]
-    assert torch.equal(xp, expected)
