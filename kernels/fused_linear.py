@@ -16,23 +16,22 @@ column ``c`` holds channel ``32·j + c`` of every slice ``j``.
 
 Structure (in the style of Triton's matmul tutorial):
 
-* ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_N, BLOCK_M]`` tile of ``yᵀ = deq(W) · x'ᵀ``
+* ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y = x' · deq(W)ᵀ``
   over a range of K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2
-  reuse). A K tile's words are read once (``[BLOCK_N, 32]`` contiguous words per row; INT3 also its 16
+  reuse). A K tile's words are read once (``[32, BLOCK_N]``, contiguous along the outputs; INT3 also its 16
   bit-2 words) and cut into slices of 32 consecutive channels with one shift and mask per code (INT4:
   nibble ``j``; INT3: bit pair ``j`` plus bit ``j`` of the bit-2 word; never a widened INT4 copy). Each
-  slice meets a contiguous ``[BLOCK_M, 32]`` block of ``x`` and one scale and zero point per row (a slice
-  lies in one quantization group: the group size is a multiple of 32). The last tile's padding reads
-  ``x`` and scales as 0.
+  slice meets a contiguous ``[BLOCK_M, 32]`` block of ``x`` and one scale and zero point per output (a
+  slice lies in one quantization group: the group size is a multiple of 32). The last tile's padding reads
+  ``x`` as 0.
 
   - ``BLOCK_M >= 16``: the slice, dequantized to ``(code - zero) · scale`` in the activation dtype
     (``code - zero`` exact by the "magic number" trick: fp16 bits ``0x6400 | code`` are ``1024 + code``,
     bf16 ``0x4300 | code`` are ``128 + code``; rounded once by the scale multiply, as in Marlin), is the
-    first (register) operand of a tensor-core product into one fp32 accumulator, so a small M only has
-    to fill the second operand's N dimension (16 and up).
+    second operand of a tensor-core product ``[BLOCK_M, 32] · [32, BLOCK_N]`` into one fp32 accumulator.
   - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
     FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``) into a
-    ``[BLOCK_N, 32]`` register tile, times the scale once per quantization group, reduced once at the end.
+    ``[32, BLOCK_N]`` register tile, times the scale once per quantization group, reduced once at the end.
 
   The salient channels are extra tiles of 16 channels: the kernel gathers ``x[:, salient_idx]`` itself
   and multiplies it with the fp16 salient weights into the same accumulator; salient tiles are dealt
@@ -59,7 +58,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from rosaq_kernels.tile_layout import SLICE, TILE, TILE_WORDS, to_kernel_layout
+from rosaq_kernels.tile_layout import SLICE, SLICES, TILE, TILE_WORDS, to_kernel_layout
 
 # Activation kinds (a constexpr of the kernels).
 _ACT_FP16, _ACT_BF16, _ACT_FP32 = 0, 1, 2
@@ -100,6 +99,21 @@ def _dequant_operand(codes, zero, scale, ACT: tl.constexpr, BF16_MAGIC: tl.const
         return (codes - zero).to(tl.float32) * scale.to(tl.float32)
 
 
+@triton.jit
+def _act_dot(a, b, ACT: tl.constexpr):
+    """``a · b`` (fp32 result) for activations ``a`` of kind ``ACT`` and fp16/fp32 weights ``b``.
+
+    fp16: fp16 operands. bf16: fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10
+    bits). fp32: exact fp32 products.
+    """
+    if ACT == 0:
+        return tl.dot(a, b.to(tl.float16))
+    elif ACT == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+
+
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
@@ -111,6 +125,7 @@ def _rosaq_linear_kernel(
     stride_wn, stride_ws,
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
+    SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
 ):  # fmt: skip
@@ -144,11 +159,8 @@ def _rosaq_linear_kernel(
     sc_cols = sc_ptr + offs_n * stride_sn
     zp_cols = zp_ptr + offs_n * stride_zn
 
-    # Slices per tile, channels per tile, words per tile (see rosaq_kernels.tile_layout).
-    SL: tl.constexpr = 32
-    NSL: tl.constexpr = 8 if BITS == 4 else 16
+    # The layout of rosaq_kernels.tile_layout: SL channels per slice, NSL slices and TW words per tile.
     TILE: tl.constexpr = SL * NSL
-    TW: tl.constexpr = 32 if BITS == 4 else 48
     # Slices that share one scale (one quantization group) inside a tile; 1 when groups and tiles do not nest.
     SPG: tl.constexpr = (GROUP_SIZE // SL) if TILE % GROUP_SIZE == 0 else (NSL if GROUP_SIZE % TILE == 0 else 1)
     rows = tl.arange(0, SL)
@@ -215,13 +227,7 @@ def _rosaq_linear_kernel(
             acc_s += tl.sum(ws.to(tl.float32) * xs.to(tl.float32)[:, None], axis=0)
         else:
             a = tl.load(x_rows + sidx[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-            if ACT == 0:
-                acc += tl.dot(a, ws.to(tl.float16))
-            elif ACT == 1:
-                # fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10 bits).
-                acc += tl.dot(a.to(tl.float32), ws.to(tl.float32))
-            else:
-                acc += tl.dot(a, ws.to(tl.float32), input_precision="ieee")
+            acc += _act_dot(a, ws, ACT)
     if BLOCK_M == 1:
         acc = (tl.sum(acc2, axis=0) + acc_s)[None, :]
 
@@ -272,12 +278,7 @@ def _block_rotate_kernel(
             other=0.0,
         )
         r = tl.load(rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj)
-        if ACT == 0:
-            acc += tl.dot(a, r.to(tl.float16))
-        elif ACT == 1:
-            acc += tl.dot(a.to(tl.float32), r.to(tl.float32))
-        else:
-            acc += tl.dot(a, r.to(tl.float32), input_precision="ieee")
+        acc += _act_dot(a, r, ACT)
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + (blk * B + offs_j)[None, :] * stride_ok,
         acc.to(out_ptr.dtype.element_ty),
@@ -291,7 +292,7 @@ def _block_rotate_kernel(
 
 # Fixed launch configurations by M bucket, per bit width:
 #   (max M, BLOCK_M, BLOCK_N, num_warps, num_stages, split-K waves)
-# BLOCK_N is the weight rows of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up the
+# BLOCK_N is the outputs of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up the
 # tensor-core path. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for INT4, 512 for
 # INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so that the
 # fp32 partial sums stay small next to the weight); 0 means no split. Fixed tables, no autotuning (which would
@@ -448,6 +449,7 @@ def rosaq_fused_linear(
         sw_strides[0], sw_strides[1],
         dest_strides[0], dest_strides[1], dest_strides[2],
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
+        SL=SLICE, NSL=SLICES[bits], TW=TILE_WORDS[bits],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
         BF16_MAGIC=not _interpreting(), num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -18,7 +18,7 @@ unchanged: this layout exists only in memory (``prepare_weights``).
 """
 
 import torch
-from rosaq_kernels.packing import pack, unpack
+from rosaq_kernels.packing import _to_int32, pack, unpack
 
 #: Consecutive input channels per slice (a divisor of every group size the format allows).
 SLICE = 32
@@ -26,10 +26,6 @@ SLICE = 32
 SLICES = {4: 8, 3: 16}
 TILE = {4: SLICE * 8, 3: SLICE * 16}
 TILE_WORDS = {4: 32, 3: 48}
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def to_kernel_layout(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
