@@ -271,17 +271,19 @@ SWEEP_MS = (1, 16, 64, 256, 1024)
 
 
 def _sweep_candidates(M, bits):
-    """Launch configs ``(BLOCK_M, BLOCK_N, warps, stages, waves)`` worth timing at this M."""
+    """Launch configs ``(BLOCK_M, BLOCK_N, warps, stages, waves, swap, late scale)`` worth timing at this M."""
+    both = [(sw, la) for sw in (0, 1) for la in (0, 1)]
     if M == 1:
-        fma = [(1, bn, w, 2, wv) for bn in (32, 64, 128) for w in (2, 4) for wv in (0, 4, 8)]
-        return fma + [(16, bn, 4, 3, wv) for bn in (64, 128) for wv in (4, 8)]
+        fma = [(1, 64, 4, 2, 4, 0, 0), (1, 64, 4, 2, 8, 0, 0), (1, 128, 4, 2, 8, 0, 0)]
+        return fma + [(16, bn, 4, 3, wv, sw, la) for bn in (64, 128) for wv in (4, 8) for sw, la in both]
     if M <= 16:
-        return [(16, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (2, 4, 8)]
+        return [(16, bn, 4, 3, wv, sw, la) for bn in (64, 128) for wv in (2, 4) for sw, la in both]
     if M <= 64:
-        return [(64, bn, w, 3, wv) for bn in (64, 128) for w in (4, 8) for wv in (0, 2, 4)]
+        scaled = [(64, bn, 4, 3, wv, sw, 0) for bn in (64, 128) for wv in (0, 2, 4) for sw in (0, 1)]
+        return scaled + [(64, 64, 4, 3, wv, sw, 1) for wv in (2, 4) for sw in (0, 1)]
     if M <= 256:
-        return [(bm, bn, w, st, 0) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
-    return [(bm, bn, w, st, 0) for bm in (128, 256) for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
+        return [(bm, 128, w, st, 0, sw, 0) for bm in (64, 128) for w in (4, 8) for st in (2, 3) for sw in (0, 1)]
+    return [(bm, bn, 8, st, 0, sw, 0) for bm in (128, 256) for bn in (128, 256) for st in (2, 3) for sw in (0, 1)]
 
 
 def sweep(out_lines, table_path):
@@ -397,7 +399,9 @@ def main() -> int:
             with open(args.table) as f:
                 for bits, rows in json.load(f).items():
                     set_config_table(int(bits), rows)
-        lines.append(f"- ROSAQ launch tables (max M, BM, BN, warps, stages, waves): {dict(_CONFIGS)}")
+        lines.append(
+            f"- ROSAQ launch tables (max M, BM, BN, warps, stages, waves, swap, late scale): {dict(_CONFIGS)}"
+        )
         bench(models, ms, vk, bw, lines)
     report = "\n".join(lines)
     print("\n" + report)

@@ -7,7 +7,9 @@ with an online block rotation of 128), INT4 and INT3 with 3% salient channels, f
 M ∈ {1, 16, 64, 256, 1024, 4096}: fresh random codes, zero points, scales, salient channels and
 activations; the output buffer poisoned with NaN; compared with the torch reference in float32
 (TF32 off) by ‖y − ref‖ / ‖ref‖. Also: the checkpoint layout through ``torch.ops.rosaq.linear``, and
-replay under a CUDA graph with new input data. Exits non-zero on any failure.
+replay under a CUDA graph with new input data. ``--variants`` also checks every tile orientation ×
+scaling variant (swap, late scale) of the launch configs at M ∈ {1, 16, 64, 256}. Exits non-zero on any
+failure.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def reference(x, W, sidx, sw, rot):
     return xr @ W.t() + xr[:, sidx.long()] @ sw.float().t()
 
 
+def variant_configs(M: int) -> list[tuple[int, ...]]:
+    """``(BLOCK_M, BLOCK_N, warps, stages, waves, swap, late)`` in every swap × late combination at this M."""
+    bm, bn, warps, stages, waves = {1: (16, 64, 4, 3, 4), 16: (16, 64, 4, 3, 2), 64: (64, 64, 4, 2, 2)}.get(
+        M, (64, 128, 4, 2, 0)
+    )
+    return [(bm, bn, warps, stages, waves, swap, late) for swap in (0, 1) for late in (0, 1)]
+
+
 def rel_err(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
@@ -58,6 +68,7 @@ def rel_err(y, ref):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="M in {1, 64, 1024} only")
+    ap.add_argument("--variants", action="store_true", help="also every swap × late-scale launch variant")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(1234)
@@ -73,11 +84,14 @@ def main() -> int:
             prepared = prepare_weights(*layer, bits=bits, group_size=GROUP)
             rot_used = prepared["rot"]  # fp16-rounded rotation: the logical weight now
             W = dequantize(qweight, scales, qzeros, bits, GROUP)
-            for M in ms:
+            runs = [(M, None) for M in ms]
+            if args.variants:
+                runs += [(M, cfg) for M in (1, 16, 64, 256) for cfg in variant_configs(M)]
+            for M, cfg in runs:
                 for dt in (torch.float16, torch.bfloat16):
                     x = torch.randn(M, K, generator=gen, device="cuda").to(dt)
                     out = torch.full((M, N), float("nan"), dtype=dt, device="cuda")
-                    fused_linear(x, prepared, bits, GROUP, out=out)
+                    fused_linear(x, prepared, bits, GROUP, out=out, config=cfg)
                     ref = reference(x, W, sidx, sw, rot_used)
                     err = rel_err(out, ref)
                     nan = torch.isnan(out).any().item()
@@ -85,7 +99,7 @@ def main() -> int:
                     tag = "ok " if ok else "FAIL"
                     line = (
                         f"{tag} W{bits} {name:8s} K={K:5d} N={N:5d} S={S:3d} B={B:3d} M={M:5d} "
-                        f"{str(dt)[6:]:8s} err={err:.2e}"
+                        f"{str(dt)[6:]:8s} err={err:.2e}" + (f" config={cfg}" if cfg else "")
                     )
                     print(line + (" NaN" if nan else ""), flush=True)
                     if not ok:

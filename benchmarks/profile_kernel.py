@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--bits", type=int, default=4, choices=(3, 4))
-    ap.add_argument("--config", default=None, help="BM,BN,warps,stages,waves (default: the M-bucket table)")
+    ap.add_argument("--config", default=None, help="BM,BN,warps,stages,waves,swap,late (default: the M-bucket table)")
     args = ap.parse_args()
     cfg = tuple(int(v) for v in args.config.split(",")) if args.config else None
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -82,36 +82,115 @@ def _codes_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
         return ((words >> (2 * j)) & 0x3) | (((hi_sel >> j) & 0x1) << 2)
 
 
+# Packed-pair extraction (PTX, two codes per instruction as in Marlin): ``$1``/``$2`` are the words of two
+# elements, ``$3``.. the per-slice constants (byte selector, shift, magic); the result ``$0`` holds the two
+# elements' ``magic | code`` as fp16x2 / bf16x2. Constants reach ptxas as immediates.
+_PAIR_INT4_ASM = tl.constexpr("""{
+.reg .b32 t;
+prmt.b32 t, $1, $2, $3;
+shr.u32 t, t, $5;
+lop3.b32 $0, t, 0x000F000F, $7, 0xEA;
+}""")
+_PAIR_INT3_ASM = tl.constexpr("""{
+.reg .b32 t, u;
+prmt.b32 t, $1, $2, $5;
+shr.u32 t, t, $7;
+prmt.b32 u, $3, $4, $9;
+shl.b32 u, u, $11;
+shr.u32 u, u, $13;
+lop3.b32 t, t, 0x00030003, $15, 0xEA;
+lop3.b32 $0, u, 0x00040004, t, 0xEA;
+}""")
+
+
 @triton.jit
-def _dequant_operand(codes, zero, scale, ACT: tl.constexpr, BF16_MAGIC: tl.constexpr):
-    """``(codes - zero) · scale`` as a tensor-core operand (``zero``, ``scale`` broadcast against ``codes``)."""
-    if ACT == 0:
-        # fp16 bits 0x6400 | c == 1024 + c (exact for c < 1024); minus (1024 + z) gives c - z exactly; the
-        # scale multiply rounds once (as Marlin does).
-        w = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return (w - (zero + 1024).to(tl.float16)) * scale.to(tl.float16)
-    elif ACT == 1 and BF16_MAGIC:
-        # bf16 bits 0x4300 | c == 128 + c (exact for c < 128).
-        w = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return (w - (zero + 128).to(tl.bfloat16)) * scale.to(tl.bfloat16)
+def _imm(like, value: tl.constexpr):
+    """A constant operand of the inline PTX (folded to an immediate by ptxas)."""
+    return tl.full(like.shape, value, tl.int32)
+
+
+@triton.jit
+def _magic_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr):
+    """``magic + code`` of slice ``j`` (see ``_codes_slice``) in the activation dtype, exact.
+
+    fp16 bits ``0x6400 | c`` are ``1024 + c``; bf16 bits ``0x4300 | c`` are ``128 + c``. Compiled, two codes
+    per instruction (PTX ``prmt`` gathers the byte holding slice ``j`` of two words into the two halves of
+    one register, ``lop3`` masks and adds the magic: fp16x2 ready); under the interpreter the same values
+    through ``_codes_slice``. fp32 activations: the codes themselves (int32).
+    """
+    if ACT == 2 or (ACT == 1 and not COMPILED):
+        out = _codes_slice(words, hi_sel, j, BITS)
+    elif not COMPILED:
+        out = (_codes_slice(words, hi_sel, j, BITS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     else:
-        # fp32 (and bf16 under Triton's interpreter, which gets bf16 arithmetic and dots wrong).
-        return (codes - zero).to(tl.float32) * scale.to(tl.float32)
+        if ACT == 0:
+            magic: tl.constexpr = 0x64006400
+        else:
+            magic: tl.constexpr = 0x43004300
+        if BITS == 4:
+            b: tl.constexpr = j // 2  # byte of nibble j
+            sel: tl.constexpr = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+            out = tl.inline_asm_elementwise(
+                _PAIR_INT4_ASM, "=r,r,r,r,r,r,r,r,r",
+                [words, _imm(words, sel), _imm(words, 4 * (j % 2)), _imm(words, magic)],
+                dtype=tl.float16, is_pure=True, pack=2,
+            )  # fmt: skip
+        else:
+            b_lo: tl.constexpr = j // 4  # byte of bit pair j
+            b_hi: tl.constexpr = j // 8  # byte of bit j of the bit-2 word
+            sel_lo: tl.constexpr = b_lo | (b_lo << 4) | ((4 + b_lo) << 8) | ((4 + b_lo) << 12)
+            sel_hi: tl.constexpr = b_hi | (b_hi << 4) | ((4 + b_hi) << 8) | ((4 + b_hi) << 12)
+            o: tl.constexpr = j % 8  # bit of bit j in its byte; it goes to bit 2
+            out = tl.inline_asm_elementwise(
+                _PAIR_INT3_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [
+                    words, hi_sel, _imm(words, sel_lo), _imm(words, 2 * (j % 4)), _imm(words, sel_hi),
+                    _imm(words, max(2 - o, 0)), _imm(words, max(o - 2, 0)), _imm(words, magic),
+                ],
+                dtype=tl.float16, is_pure=True, pack=2,
+            )  # fmt: skip
+        if ACT == 1:  # the asm's result is a bit pattern: bf16 magic codes
+            out = out.to(tl.bfloat16, bitcast=True)
+    return out
 
 
 @triton.jit
-def _act_dot(a, b, ACT: tl.constexpr):
-    """``a · b`` (fp32 result) for activations ``a`` of kind ``ACT`` and fp16/fp32 weights ``b``.
+def _code_minus_zero(magic_codes, zero, ACT: tl.constexpr, COMPILED: tl.constexpr):
+    """``code - zero`` (exact) as a tensor-core operand, from ``_magic_slice`` (``zero`` broadcast).
+
+    ``(magic + code) - (magic + zero)`` is exact in fp16 / bf16; fp32 (and bf16 under Triton's interpreter,
+    which gets bf16 arithmetic and dots wrong) subtracts the integer codes.
+    """
+    if ACT == 0:
+        return magic_codes - (zero + 1024).to(tl.float16)
+    elif ACT == 1 and COMPILED:
+        return magic_codes - (zero + 128).to(tl.bfloat16)
+    else:
+        return (magic_codes - zero).to(tl.float32)
+
+
+@triton.jit
+def _quant_dot(lhs, rhs, acc, ACT: tl.constexpr, COMPILED: tl.constexpr):
+    """``acc + lhs · rhs`` (fp32) for activations and dequantized weights of ``_code_minus_zero``'s dtype."""
+    if ACT == 0 or (ACT == 1 and COMPILED):
+        return tl.dot(lhs, rhs, acc)
+    else:
+        return tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _mixed_dot(lhs, rhs, acc, ACT: tl.constexpr):
+    """``acc + lhs · rhs`` (fp32) for one activation and one fp16/fp32 weight operand, by activation kind.
 
     fp16: fp16 operands. bf16: fp32 operands (tf32 on the tensor cores holds bf16 exactly and fp16 to 10
     bits). fp32: exact fp32 products.
     """
     if ACT == 0:
-        return tl.dot(a, b.to(tl.float16))
+        return tl.dot(lhs.to(tl.float16), rhs.to(tl.float16), acc)
     elif ACT == 1:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), acc)
     else:
-        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+        return tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), acc, input_precision="ieee")
 
 
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
@@ -127,7 +206,8 @@ def _rosaq_linear_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
     SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    GROUP_M: tl.constexpr, BF16_MAGIC: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``y`` over the K tiles of split ``program_id(1)``.
 
@@ -168,6 +248,9 @@ def _rosaq_linear_kernel(
     if BLOCK_M == 1:
         acc2 = tl.zeros((SL, BLOCK_N), dtype=tl.float32)
         x_row = x_ptr + pid_m * stride_xm
+    elif SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_cols = x_ptr + offs_m[None, :] * stride_xm
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -183,7 +266,6 @@ def _rosaq_linear_kernel(
             hi_sel = hi >> ((rows % 2) * 16)[:, None]
         for j in tl.static_range(NSL):
             k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
-            codes = _codes_slice(words, hi_sel, j, BITS)
             if j % SPG == 0:
                 # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
                 g = min(k0, K - 1) // GROUP_SIZE
@@ -192,6 +274,7 @@ def _rosaq_linear_kernel(
             if BLOCK_M == 1:
                 # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
                 # is one exact subtraction), times the scale once per group.
+                codes = _codes_slice(words, hi_sel, j, BITS)
                 xk = tl.load(x_row + (k0 + rows) * stride_xk, mask=k0 + rows < K, other=0.0)  # (pid_m < M always)
                 if j % SPG == 0:
                     zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
@@ -201,15 +284,32 @@ def _rosaq_linear_kernel(
                 if (j + 1) % SPG == 0:
                     acc2 += part * scale.to(tl.float32)[None, :]
             else:
-                a = tl.load(
-                    x_rows + (k0 + rows)[None, :] * stride_xk, mask=mask_m[:, None] & (k0 + rows < K)[None, :],
-                    other=0.0,
-                )
-                w = _dequant_operand(codes, zero[None, :], scale[None, :], ACT, BF16_MAGIC)
-                if ACT == 0 or (ACT == 1 and BF16_MAGIC):
-                    acc = tl.dot(a, w, acc)
+                # Tensor cores: x' · deq(W)ᵀ as [BLOCK_M, BLOCK_N] tiles, or (SWAP) deq(W) · x'ᵀ as [BLOCK_N,
+                # BLOCK_M] tiles, which lets the weights be the register operand of Hopper's wgmma.
+                k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no tile is padded, loads stay vectorized)
+                w = _code_minus_zero(_magic_slice(words, hi_sel, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
+                if not LATE_SCALE:  # scale the operand (rounded once to its dtype, as in Marlin)
+                    w = w * scale[None, :].to(w.dtype)
+                elif j % SPG == 0:  # scale the group's exact partial product, once per group
+                    part = tl.zeros(acc.shape, dtype=tl.float32)
+                if SWAP:
+                    a_mask = k_ok[:, None] & mask_m[None, :]
+                    a = tl.load(x_cols + (k0 + rows)[:, None] * stride_xk, mask=a_mask, other=0.0)
+                    if LATE_SCALE:
+                        part = _quant_dot(tl.trans(w), a, part, ACT, COMPILED)
+                        if (j + 1) % SPG == 0:
+                            acc += part * scale.to(tl.float32)[:, None]
+                    else:
+                        acc = _quant_dot(tl.trans(w), a, acc, ACT, COMPILED)
                 else:
-                    acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
+                    a_mask = mask_m[:, None] & k_ok[None, :]
+                    a = tl.load(x_rows + (k0 + rows)[None, :] * stride_xk, mask=a_mask, other=0.0)
+                    if LATE_SCALE:
+                        part = _quant_dot(a, w, part, ACT, COMPILED)
+                        if (j + 1) % SPG == 0:
+                            acc += part * scale.to(tl.float32)[None, :]
+                    else:
+                        acc = _quant_dot(a, w, acc, ACT, COMPILED)
 
     # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
     offs_s = tl.arange(0, BLOCK_S)
@@ -225,14 +325,21 @@ def _rosaq_linear_kernel(
         if BLOCK_M == 1:
             xs = tl.load(x_row + sidx * stride_xk)
             acc_s += tl.sum(ws.to(tl.float32) * xs.to(tl.float32)[:, None], axis=0)
+        elif SWAP:
+            a = tl.load(x_cols + sidx[:, None] * stride_xk, mask=mask_m[None, :], other=0.0)
+            acc = _mixed_dot(tl.trans(ws), a, acc, ACT)
         else:
             a = tl.load(x_rows + sidx[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-            acc += _act_dot(a, ws, ACT)
+            acc = _mixed_dot(a, ws, acc, ACT)
     if BLOCK_M == 1:
         acc = (tl.sum(acc2, axis=0) + acc_s)[None, :]
 
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SWAP:
+        out_ptrs = out_ptr + pid_k * stride_os + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
+        out_mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        out_mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -278,7 +385,7 @@ def _block_rotate_kernel(
             other=0.0,
         )
         r = tl.load(rot_ptr + blk * stride_rb + (i0 + offs_i)[:, None] * stride_ri + offs_j[None, :] * stride_rj)
-        acc += _act_dot(a, r, ACT)
+        acc = _mixed_dot(a, r, acc, ACT)
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + (blk * B + offs_j)[None, :] * stride_ok,
         acc.to(out_ptr.dtype.element_ty),
@@ -291,30 +398,33 @@ def _block_rotate_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Fixed launch configurations by M bucket, per bit width:
-#   (max M, BLOCK_M, BLOCK_N, num_warps, num_stages, split-K waves)
+#   (max M, BLOCK_M, BLOCK_N, num_warps, num_stages, split-K waves, swap, late scale)
 # BLOCK_N is the outputs of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up the
 # tensor-core path. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for INT4, 512 for
 # INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so that the
-# fp32 partial sums stay small next to the weight); 0 means no split. Fixed tables, no autotuning (which would
-# time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py --sweep (see BENCHMARKS.md).
+# fp32 partial sums stay small next to the weight); 0 means no split. swap = 1 computes ``deq(W) · x'ᵀ``
+# tiles (the weights are the first, register, operand of the product); late scale = 1 multiplies each
+# group's exact partial product by its scales instead of scaling every dequantized weight. Fixed tables, no
+# autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
+# --sweep (see BENCHMARKS.md).
 _CONFIGS = {
     4: (
-        (1, 16, 64, 4, 3, 4),
-        (16, 16, 64, 4, 3, 2),
-        (32, 32, 64, 4, 2, 2),
-        (64, 64, 64, 4, 3, 4),
-        (128, 128, 128, 8, 2, 0),
-        (256, 128, 128, 8, 2, 0),
-        (1 << 62, 128, 128, 8, 2, 0),
+        (1, 16, 64, 4, 3, 4, 0, 1),
+        (16, 16, 64, 4, 3, 2, 0, 1),
+        (32, 32, 64, 4, 2, 2, 0, 1),
+        (64, 64, 64, 4, 3, 4, 0, 0),
+        (128, 128, 128, 8, 2, 0, 0, 0),
+        (256, 128, 128, 8, 2, 0, 0, 0),
+        (1 << 62, 128, 128, 8, 2, 0, 0, 0),
     ),
     3: (
-        (1, 1, 64, 4, 2, 8),
-        (16, 16, 64, 4, 3, 4),
-        (32, 32, 64, 4, 2, 4),
-        (64, 64, 64, 4, 2, 4),
-        (128, 64, 128, 4, 2, 0),
-        (256, 64, 128, 4, 2, 0),
-        (1 << 62, 64, 128, 4, 2, 0),
+        (1, 1, 64, 4, 2, 8, 0, 0),
+        (16, 16, 64, 4, 3, 4, 0, 1),
+        (32, 32, 64, 4, 2, 4, 0, 1),
+        (64, 64, 64, 4, 2, 4, 0, 0),
+        (128, 64, 128, 4, 2, 0, 0, 0),
+        (256, 64, 128, 4, 2, 0, 0, 0),
+        (1 << 62, 64, 128, 4, 2, 0, 0, 0),
     ),
 }
 _GROUP_M = 8
@@ -341,10 +451,10 @@ def _device_sms(device: torch.device) -> int:
 
 
 def _pick_config(M: int, N: int, K: int, bits: int, device: torch.device, config=None):
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, k_tiles, tiles_per_split, split)``."""
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, swap, late scale, k_tiles, tiles_per_split, split)``."""
     if config is None:
         config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
-    bm, bn, warps, stages, waves = config
+    bm, bn, warps, stages, waves, swap, late = config
     k_tiles = triton.cdiv(K, TILE[bits])
     split = 1
     if waves > 0:
@@ -355,7 +465,7 @@ def _pick_config(M: int, N: int, K: int, bits: int, device: torch.device, config
         split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    return bm, bn, warps, stages, k_tiles, tiles_per_split, split
+    return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, tiles_per_split, split
 
 
 def _rot_block(B: int) -> int:
@@ -394,7 +504,7 @@ def rosaq_fused_linear(
     bits: int,
     group_size: int,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
     kernel_layout: bool = False,
 ) -> torch.Tensor:
     """The fused ROSAQ linear; same arguments and result as ``rosaq_linear_reference``.
@@ -403,7 +513,7 @@ def rosaq_fused_linear(
     of :func:`prepare_weights`; the checkpoint's packing is converted on every call (tests and one-off
     calls; serving prepares once). Other tensors: any strides. ``out`` is an optional ``[M, N]`` buffer of
     ``x.dtype`` to write into. ``config`` overrides the M-bucket table (``(BLOCK_M, BLOCK_N, num_warps,
-    num_stages, split-K waves)``; for benchmarks and tuning).
+    num_stages, split-K waves, swap, late scale)``; for benchmarks and tuning).
     """
     if x.dtype not in _ACT_KIND:
         raise TypeError(f"activations must be fp16, bf16 or fp32, got {x.dtype}")
@@ -435,7 +545,7 @@ def rosaq_fused_linear(
         sw_strides = (0, 0)
     else:
         sw_strides = (salient_weight.stride(0), salient_weight.stride(1))
-    bm, bn, warps, stages, k_tiles, tps, split = _pick_config(M, N, K, bits, x.device, config)
+    bm, bn, warps, stages, swap, late, k_tiles, tps, split = _pick_config(M, N, K, bits, x.device, config)
     dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
@@ -451,7 +561,8 @@ def rosaq_fused_linear(
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
         SL=SLICE, NSL=SLICES[bits], TW=TILE_WORDS[bits],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
-        BF16_MAGIC=not _interpreting(), num_warps=warps, num_stages=stages,
+        SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % TILE[bits] == 0, COMPILED=not _interpreting(),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
         rbm, rbn = 16, 256
@@ -504,7 +615,7 @@ def fused_linear(
     bits: int,
     group_size: int,
     out: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """:func:`rosaq_fused_linear` on the output of :func:`prepare_weights`."""
     return rosaq_fused_linear(

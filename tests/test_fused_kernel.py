@@ -203,13 +203,37 @@ def test_rejects_bad_shapes():
 
 
 @late
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize(
+    "bits,group_size,K,config",
+    [
+        (4, 128, 640, (16, 64, 4, 2, 0, 1, 1)),  # swapped + late scale, masked last tile
+        (3, 96, 1152, (16, 64, 4, 2, 4, 1, 1)),  # group size not nesting with the tile: scale per slice
+        (4, 256, 1024, (16, 32, 4, 2, 0, 0, 1)),  # group of one whole tile
+        (3, 32, 512, (32, 64, 4, 2, 0, 1, 0)),  # swapped, scaled operand
+    ],
+)
+def test_swapped_tiles_and_late_scale(bits, group_size, K, config, dtype):
+    gen = torch.Generator().manual_seed(hash((bits, group_size, K, config, str(dtype))) % 2**31)
+    M, N, S = 3, 64, 16
+    args = _random_layer(gen, M, K, N, bits, S, 64, dtype, group_size=group_size)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    y = rosaq_fused_linear(*args, bits, group_size, out=out, config=config)
+    _check(y, _reference64(*args, bits, group_size), dtype)
+
+
+@late
 @pytest.mark.parametrize(
     "bits,config",
     [
-        (4, (1, 32, 4, 2, 0)),  # one-token path, no split
-        (3, (1, 64, 4, 2, 8)),  # one-token path, split-K
-        (4, (16, 32, 4, 2, 8)),  # tensor-core path for one token, split-K
-        (3, (32, 64, 4, 2, 0)),
+        (4, (1, 32, 4, 2, 0, 0, 0)),  # one-token path, no split
+        (3, (1, 64, 4, 2, 8, 0, 0)),  # one-token path, split-K
+        (4, (16, 32, 4, 2, 8, 0, 0)),  # tensor-core path for one token, split-K
+        (3, (32, 64, 4, 2, 0, 0, 0)),
+        (4, (16, 64, 4, 2, 8, 1, 1)),  # swapped tiles (deq(W) · x'ᵀ), late scale, split-K
+        (3, (16, 64, 4, 2, 0, 1, 0)),  # swapped tiles
+        (4, (32, 32, 4, 2, 0, 0, 1)),  # late scale
+        (3, (16, 32, 4, 2, 4, 0, 1)),
     ],
 )
 def test_explicit_launch_configs(bits, config):
