@@ -36,6 +36,9 @@ Structure (in the style of Triton's matmul tutorial):
   The salient channels are extra tiles of 16 channels: the kernel gathers ``x[:, salient_idx]`` itself
   and multiplies it with the fp16 salient weights into the same accumulator; salient tiles are dealt
   round-robin over the split-K programs.
+* ``_dequantize_kernel`` (large M, where the product is bound by the tensor cores rather than the weight
+  bytes): the weight is dequantized once into a dense ``[K, N]`` matrix of the activation dtype, the
+  salient weights are added into their rows, and ``torch.matmul`` (cuBLAS) does the product.
 * With split-K the programs write fp32 partial sums and ``_splitk_reduce_kernel`` adds them and casts
   to the output dtype (deterministic; no atomics, no memset).
 * The online block rotation is a separate small Triton kernel, ``_block_rotate_kernel``
@@ -393,6 +396,43 @@ def _block_rotate_kernel(
     )
 
 
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr, sc_ptr, zp_ptr, out_ptr, N, K,
+    stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, stride_ok, stride_on,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
+    SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, COMPILED: tl.constexpr,
+):  # fmt: skip
+    """``out[k, n] = deq(W)[n, k]`` (``[K, N]``, the activation dtype) for one K tile × ``BLOCK_N`` outputs.
+
+    The same slice extraction as ``_rosaq_linear_kernel``; ``code - zero`` exact, times the scale in fp32,
+    rounded once to the output dtype.
+    """
+    kt = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, SL)
+    w_cols = qw_ptr + offs_n[None, :]
+    words = tl.load(w_cols + (kt * TW + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
+    if BITS == 4:
+        hi_sel = words
+    else:
+        hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
+        hi_sel = hi >> ((rows % 2) * 16)[:, None]
+    for j in tl.static_range(NSL):
+        k0 = kt * SL * NSL + j * SL
+        g = min(k0, K - 1) // GROUP_SIZE
+        scale = tl.load(sc_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
+        zero = tl.load(zp_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+        cz = _code_minus_zero(_magic_slice(words, hi_sel, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
+        w = cz.to(tl.float32) * scale.to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + (k0 + rows)[:, None] * stride_ok + offs_n[None, :] * stride_on,
+            w.to(out_ptr.dtype.element_ty),
+            mask=(k0 + rows < K)[:, None] & mask_n[None, :],
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
@@ -400,8 +440,11 @@ def _block_rotate_kernel(
 # Fixed launch configurations by M bucket, per bit width:
 #   (max M, BLOCK_M, BLOCK_N, num_warps, num_stages, split-K waves, swap, late scale)
 # BLOCK_N is the outputs of a tile, BLOCK_M the batch: 1 selects the one-token (FMA) path, 16 and up the
-# tensor-core path. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for INT4, 512 for
-# INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so that the
+# tensor-core path, 0 the large-M path: dequantize the weight once into a dense ``[K, N]`` matrix (a Triton kernel
+# of BLOCK_N outputs per program, the remaining fields unused) and multiply with torch.matmul (cuBLAS), as vLLM's
+# AWQ method does from 256 tokens on. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for
+# INT4, 512 for INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so
+# that the
 # fp32 partial sums stay small next to the weight); 0 means no split. swap = 1 computes ``deq(W) · x'ᵀ``
 # tiles (the weights are the first, register, operand of the product); late scale = 1 multiplies each
 # group's exact partial product by its scales instead of scaling every dequantized weight. Fixed tables, no
@@ -546,6 +589,18 @@ def rosaq_fused_linear(
     else:
         sw_strides = (salient_weight.stride(0), salient_weight.stride(1))
     bm, bn, warps, stages, swap, late, k_tiles, tps, split = _pick_config(M, N, K, bits, x.device, config)
+    if bm == 0:  # large M: dequantize once, then the dense matmul (cuBLAS on the GPU)
+        w_t = torch.empty((K, N), dtype=x.dtype, device=x.device)
+        _dequantize_kernel[(k_tiles, triton.cdiv(N, bn))](
+            qweight, scales, qzeros, w_t, N, K,
+            qweight.stride(0), scales.stride(0), scales.stride(1), qzeros.stride(0), qzeros.stride(1),
+            w_t.stride(0), w_t.stride(1),
+            BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype], SL=SLICE, NSL=SLICES[bits],
+            TW=TILE_WORDS[bits], BLOCK_N=bn, COMPILED=not _interpreting(), num_warps=warps,
+        )  # fmt: skip
+        if S:
+            w_t.index_add_(0, salient_idx.long(), salient_weight.t().to(x.dtype))
+        return torch.matmul(x, w_t, out=out)
     dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)

@@ -211,9 +211,11 @@ def test_rejects_bad_shapes():
         (3, 96, 1152, (16, 64, 4, 2, 4, 1, 1)),  # group size not nesting with the tile: scale per slice
         (4, 256, 1024, (16, 32, 4, 2, 0, 0, 1)),  # group of one whole tile
         (3, 32, 512, (32, 64, 4, 2, 0, 1, 0)),  # swapped, scaled operand
+        (4, 128, 640, (0, 64, 4, 1, 0, 0, 0)),  # large-M path: dequantize, then torch.matmul
+        (3, 96, 1152, (0, 32, 4, 1, 0, 0, 0)),
     ],
 )
-def test_swapped_tiles_and_late_scale(bits, group_size, K, config, dtype):
+def test_launch_variants(bits, group_size, K, config, dtype):
     gen = torch.Generator().manual_seed(hash((bits, group_size, K, config, str(dtype))) % 2**31)
     M, N, S = 3, 64, 16
     args = _random_layer(gen, M, K, N, bits, S, 64, dtype, group_size=group_size)
