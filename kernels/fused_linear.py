@@ -444,30 +444,30 @@ def _dequantize_kernel(
 # of BLOCK_N outputs per program, the remaining fields unused) and multiply with torch.matmul (cuBLAS), as vLLM's
 # AWQ method does from 256 tokens on. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for
 # INT4, 512 for INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so
-# that the
-# fp32 partial sums stay small next to the weight); 0 means no split. swap = 1 computes ``deq(W) · x'ᵀ``
+# that the fp32 partial sums stay small next to the weight); 0 means no split. swap = 1 computes ``deq(W) · x'ᵀ``
 # tiles (the weights are the first, register, operand of the product); late scale = 1 multiplies each
 # group's exact partial product by its scales instead of scaling every dequantized weight. Fixed tables, no
 # autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
-# --sweep (see BENCHMARKS.md).
+# --sweep on the H100 (BENCHMARKS.md), which times M = 1, 16, 64, 256, 1024; the M ≤ 32 rows reuse the M = 16
+# winner with BLOCK_M = 32, the M ≤ 128 rows the M = 64 winner.
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
-        (16, 16, 64, 4, 3, 2, 0, 1),
-        (32, 32, 64, 4, 2, 2, 0, 1),
-        (64, 64, 64, 4, 3, 4, 0, 0),
-        (128, 128, 128, 8, 2, 0, 0, 0),
-        (256, 128, 128, 8, 2, 0, 0, 0),
-        (1 << 62, 128, 128, 8, 2, 0, 0, 0),
+        (16, 16, 64, 4, 3, 2, 0, 0),
+        (32, 32, 64, 4, 3, 2, 0, 0),
+        (64, 64, 64, 4, 3, 2, 1, 0),
+        (128, 64, 64, 4, 3, 2, 1, 0),
+        (256, 0, 128, 4, 1, 0, 0, 0),
+        (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
     3: (
         (1, 1, 64, 4, 2, 8, 0, 0),
-        (16, 16, 64, 4, 3, 4, 0, 1),
-        (32, 32, 64, 4, 2, 4, 0, 1),
-        (64, 64, 64, 4, 2, 4, 0, 0),
-        (128, 64, 128, 4, 2, 0, 0, 0),
-        (256, 64, 128, 4, 2, 0, 0, 0),
-        (1 << 62, 64, 128, 4, 2, 0, 0, 0),
+        (16, 16, 64, 4, 3, 2, 1, 1),
+        (32, 32, 64, 4, 3, 2, 1, 1),
+        (64, 64, 64, 4, 2, 4, 1, 0),
+        (128, 64, 64, 4, 2, 4, 1, 0),
+        (256, 0, 128, 4, 1, 0, 0, 0),
+        (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
 }
 _GROUP_M = 8
