@@ -119,8 +119,8 @@ def main() -> int:
                 failures.append(line)
             # The op of the prepared (tile-interleaved) layout, bf16, M=64.
             x = torch.randn(64, K, generator=gen, device="cuda", dtype=torch.bfloat16)
-            args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
-            y = torch.ops.rosaq.linear(x, *args, bits, GROUP, True)
+            op_args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight", "rot")]
+            y = torch.ops.rosaq.linear(x, *op_args, bits, GROUP, True)
             err = rel_err(y, reference(x, W, sidx, sw, rot_used))
             ok = err < TOL[torch.bfloat16] and not torch.isnan(y).any().item()
             line = (
