@@ -281,6 +281,11 @@ def _sweep_candidates(M, bits):
         fma = [(1, 64, 4, 2, 8, 0, 0), (1, 128, 4, 2, 8, 0, 0)]
         tc = [(16, 64, 4, 3, wv, sw, la) for wv in (4, 8) for sw, la in both]
         return fma + tc + [(16, 64, 2, 3, wv, 0, 1) for wv in (4, 8)] + [(16, 128, 4, 3, 4, 0, 1)]
+    if M == 32:  # one tile of 32 rows or two of 16
+        return [(bm, 64, 4, 3, wv, sw, la) for bm in (16, 32) for wv in (2, 4) for sw, la in both]
+    if M == 128:
+        tc = [(64, bn, 4, 3, wv, 1, 0) for bn in (64, 128) for wv in (0, 2)]
+        return tc + [(128, 128, 8, 3, 0, 1, 0), (128, 64, 4, 3, 0, 1, 0)] + dense[:1]
     if M <= 16:
         tc = [(16, 64, 4, 3, wv, sw, la) for wv in (2, 4) for sw, la in both]
         return tc + [(16, 128, 4, 3, 2, 0, la) for la in (0, 1)] + [(16, 64, 2, 3, wv, 0, 0) for wv in (2, 4)]
@@ -293,8 +298,11 @@ def _sweep_candidates(M, bits):
     return [(bm, bn, 8, st, 0, 1, 0) for bm in (128, 256) for bn in (128, 256) for st in (2, 3)] + dense
 
 
-def sweep(out_lines, table_path):
-    """Time candidate launch configs on the Llama-2-7B shapes (S = 1%); write the best M-bucket tables."""
+def sweep(out_lines, table_path, sweep_ms=SWEEP_MS):
+    """Time candidate launch configs on the Llama-2-7B shapes (S = 1%); write the best M-bucket tables.
+
+    The tables are written when ``sweep_ms`` is the full ``SWEEP_MS`` (other M lists only report timings).
+    """
     import json
 
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -313,7 +321,7 @@ def sweep(out_lines, table_path):
             ]
             layers[name] = (K, N, cp)
         totals = {}  # M -> {cfg: µs per layer}
-        for M in SWEEP_MS:
+        for M in sweep_ms:
             xs = {
                 n: torch.randn(M, K, dtype=torch.float16, device="cuda", generator=gen)
                 for n, (K, _, _) in layers.items()
@@ -341,21 +349,22 @@ def sweep(out_lines, table_path):
                 + f" … worst {ranked[-1][1]:.1f}"
             )
             print(out_lines[-1], flush=True)
-        best = {M: min(totals[M], key=totals[M].get) for M in SWEEP_MS}
-        tables[bits] = [
-            [1, *best[1]],
-            [16, *best[16]],
-            [32, 32, *best[16][1:]],
-            [64, *best[64]],
-            [128, *best[256]],
-            [256, *best[256]],
-            [1 << 62, *best[1024]],
-        ]
-        out_lines.append(f"- W{bits} table chosen: {tables[bits]}")
-        print(out_lines[-1], flush=True)
+        if tuple(sweep_ms) == SWEEP_MS:
+            best = {M: min(totals[M], key=totals[M].get) for M in SWEEP_MS}
+            tables[bits] = [
+                [1, *best[1]],
+                [16, *best[16]],
+                [32, 32, *best[16][1:]],
+                [64, *best[64]],
+                [128, *best[64]],
+                [256, *best[256]],
+                [1 << 62, *best[1024]],
+            ]
+            out_lines.append(f"- W{bits} table chosen: {tables[bits]}")
+            print(out_lines[-1], flush=True)
         del layers
         torch.cuda.empty_cache()
-    if table_path:
+    if table_path and tables:
         with open(table_path, "w") as f:
             json.dump(tables, f)
 
@@ -366,6 +375,7 @@ def main() -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--out", default=None, help="write the markdown report here too")
     ap.add_argument("--sweep", action="store_true", help="time candidate configs, write --table")
+    ap.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="M values of --sweep")
     ap.add_argument("--table", default=None, help="JSON M-bucket tables {bits: rows} (written by --sweep)")
     ap.add_argument("--no-vllm", action="store_true", help="skip Marlin and Machete")
     args = ap.parse_args()
@@ -398,7 +408,7 @@ def main() -> int:
     )
     print("\n".join(lines), flush=True)
     if args.sweep:
-        sweep(lines, args.table)
+        sweep(lines, args.table, tuple(int(m) for m in args.sweep_ms.split(",")))
     else:
         if args.table:
             import json
