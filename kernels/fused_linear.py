@@ -448,13 +448,12 @@ def _dequantize_kernel(
 # tiles (the weights are the first, register, operand of the product); late scale = 1 multiplies each
 # group's exact partial product by its scales instead of scaling every dequantized weight. Fixed tables, no
 # autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
-# --sweep on the H100 (BENCHMARKS.md), which times M = 1, 16, 64, 256, 1024; the M ≤ 32 rows reuse the M = 16
-# winner with BLOCK_M = 32, the M ≤ 128 rows the M = 64 winner.
+# --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows.
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
         (16, 16, 64, 4, 3, 2, 0, 0),
-        (32, 32, 64, 4, 3, 2, 0, 0),
+        (32, 32, 64, 4, 3, 2, 1, 0),
         (64, 64, 64, 4, 3, 2, 1, 0),
         (128, 64, 64, 4, 3, 2, 1, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
@@ -463,9 +462,9 @@ _CONFIGS = {
     3: (
         (1, 1, 64, 4, 2, 8, 0, 0),
         (16, 16, 64, 4, 3, 2, 1, 1),
-        (32, 32, 64, 4, 3, 2, 1, 1),
+        (32, 32, 64, 4, 3, 4, 0, 0),
         (64, 64, 64, 4, 2, 4, 1, 0),
-        (128, 64, 64, 4, 2, 4, 1, 0),
+        (128, 0, 64, 4, 1, 0, 0, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
