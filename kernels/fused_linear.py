@@ -106,6 +106,24 @@ lop3.b32 $0, u, 0x00040004, t, 0xEA;
 }""")
 
 
+@triton.constexpr_function
+def pair_operands(bits, j):
+    """Constant operands of slice ``j``'s pair extraction (``_PAIR_INT4_ASM`` / ``_PAIR_INT3_ASM``).
+
+    INT4: ``(prmt selector, right shift)``: the selector puts byte ``j // 2`` (nibble ``j``) of the two words in
+    the two 16-bit halves. INT3: ``(selector, right shift)`` of bit pair ``j`` in the low-bit words, then
+    ``(selector, left shift, right shift)`` taking bit ``j`` of the bit-2 words to bit 2 of each half.
+    """
+
+    def selector(byte):
+        return byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
+
+    if bits == 4:
+        return (selector(j // 2), 4 * (j % 2))
+    o = j % 8  # bit j's position in its byte of the bit-2 word
+    return (selector(j // 4), 2 * (j % 4), selector(j // 8), max(2 - o, 0), max(o - 2, 0))
+
+
 @triton.jit
 def _imm(like, value: tl.constexpr):
     """A constant operand of the inline PTX (folded to an immediate by ptxas)."""
@@ -131,24 +149,18 @@ def _magic_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.con
         else:
             magic: tl.constexpr = 0x43004300
         if BITS == 4:
-            b: tl.constexpr = j // 2  # byte of nibble j
-            sel: tl.constexpr = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
             out = tl.inline_asm_elementwise(
                 _PAIR_INT4_ASM, "=r,r,r,r,r,r,r,r,r",
-                [words, _imm(words, sel), _imm(words, 4 * (j % 2)), _imm(words, magic)],
+                [words, _imm(words, pair_operands(4, j)[0]), _imm(words, pair_operands(4, j)[1]), _imm(words, magic)],
                 dtype=tl.float16, is_pure=True, pack=2,
             )  # fmt: skip
         else:
-            b_lo: tl.constexpr = j // 4  # byte of bit pair j
-            b_hi: tl.constexpr = j // 8  # byte of bit j of the bit-2 word
-            sel_lo: tl.constexpr = b_lo | (b_lo << 4) | ((4 + b_lo) << 8) | ((4 + b_lo) << 12)
-            sel_hi: tl.constexpr = b_hi | (b_hi << 4) | ((4 + b_hi) << 8) | ((4 + b_hi) << 12)
-            o: tl.constexpr = j % 8  # bit of bit j in its byte; it goes to bit 2
             out = tl.inline_asm_elementwise(
                 _PAIR_INT3_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                 [
-                    words, hi_sel, _imm(words, sel_lo), _imm(words, 2 * (j % 4)), _imm(words, sel_hi),
-                    _imm(words, max(2 - o, 0)), _imm(words, max(o - 2, 0)), _imm(words, magic),
+                    words, hi_sel, _imm(words, pair_operands(3, j)[0]), _imm(words, pair_operands(3, j)[1]),
+                    _imm(words, pair_operands(3, j)[2]), _imm(words, pair_operands(3, j)[3]),
+                    _imm(words, pair_operands(3, j)[4]), _imm(words, magic),
                 ],
                 dtype=tl.float16, is_pure=True, pack=2,
             )  # fmt: skip
