@@ -53,4 +53,5 @@ def _rosaq_linear_fake(
     group_size: int,
     kernel_layout: bool = False,
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+    # Output features: qweight is [N, packed K] in the checkpoint's packing, [words, N] in the kernel layout.
+    return x.new_empty((x.shape[0], qweight.shape[1] if kernel_layout else qweight.shape[0]))
