@@ -19,16 +19,20 @@ Structure (in the style of Triton's matmul tutorial):
 * ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y = x' · deq(W)ᵀ``
   over a range of K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2
   reuse). A K tile's words are read once (``[32, BLOCK_N]``, contiguous along the outputs; INT3 also its 16
-  bit-2 words) and cut into slices of 32 consecutive channels with one shift and mask per code (INT4:
-  nibble ``j``; INT3: bit pair ``j`` plus bit ``j`` of the bit-2 word; never a widened INT4 copy). Each
-  slice meets a contiguous ``[BLOCK_M, 32]`` block of ``x`` and one scale and zero point per output (a
-  slice lies in one quantization group: the group size is a multiple of 32). The last tile's padding reads
-  ``x`` as 0.
+  bit-2 words) and cut into slices of 32 consecutive channels (INT4: nibble ``j``; INT3: bit pair ``j`` plus
+  bit ``j`` of the bit-2 word; never a widened INT4 copy). Each slice meets a contiguous ``[BLOCK_M, 32]``
+  block of ``x`` and one scale and zero point per output (a slice lies in one quantization group: the group
+  size is a multiple of 32). The last tile's padding reads ``x`` as 0.
 
-  - ``BLOCK_M >= 16``: the slice, dequantized to ``(code - zero) · scale`` in the activation dtype
-    (``code - zero`` exact by the "magic number" trick: fp16 bits ``0x6400 | code`` are ``1024 + code``,
-    bf16 ``0x4300 | code`` are ``128 + code``; rounded once by the scale multiply, as in Marlin), is the
-    second operand of a tensor-core product ``[BLOCK_M, 32] · [32, BLOCK_N]`` into one fp32 accumulator.
+  - ``BLOCK_M >= 16`` (tensor cores): compiled, the slice's codes come out two per instruction as in Marlin
+    (``_magic_slice``: inline PTX, ``prmt`` gathers the byte holding slice ``j`` of two words into the two
+    halves of a register and ``lop3`` masks it and ors in the "magic number": fp16 bits ``0x6400 | code``
+    are ``1024 + code``, bf16 ``0x4300 | code`` are ``128 + code``), so ``code - zero`` is one exact packed
+    subtraction. Either that operand is scaled (rounded once to the activation dtype) and multiplied into
+    one fp32 accumulator, or (``LATE_SCALE``) each group's exact partial product is multiplied by its scales
+    in fp32. The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or (``SWAP``) ``deq(W) · x'ᵀ`` as
+    ``[BLOCK_N, 32] · [32, BLOCK_M]``, which makes the dequantized weights the register operand of Hopper's
+    ``wgmma`` instead of a round trip through shared memory.
   - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
     FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``) into a
     ``[32, BLOCK_N]`` register tile, times the scale once per quantization group, reduced once at the end.
@@ -48,9 +52,9 @@ Structure (in the style of Triton's matmul tutorial):
   which costs more than one extra pass over x (``M·K`` elements).
 
 CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the only
-allocations are ``torch.empty`` (torch's caching allocator), and nothing reads device memory on the
-host. Every (M bucket, dtype, bits) variant compiles on its first eager call; vLLM's warm-up before
-capture makes those calls.
+allocations are ``torch.empty`` (torch's caching allocator; the large-M path's dense weight too), and nothing
+reads device memory on the host. Every (M bucket, dtype, bits) variant compiles on its first eager call;
+vLLM's warm-up before capture makes those calls.
 """
 
 from __future__ import annotations
