@@ -89,9 +89,11 @@ def _codes_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
         return ((words >> (2 * j)) & 0x3) | (((hi_sel >> j) & 0x1) << 2)
 
 
-# Packed-pair extraction (PTX, two codes per instruction as in Marlin): ``$1``/``$2`` are the words of two
-# elements, ``$3``.. the per-slice constants (byte selector, shift, magic); the result ``$0`` holds the two
-# elements' ``magic | code`` as fp16x2 / bf16x2. Constants reach ptxas as immediates.
+# Packed-pair extraction (PTX, two codes per instruction as in Marlin). With pack = 2 every operand comes as two
+# registers, one per element: INT4 ``$1``/``$2`` the two words, then ``pair_operands`` (selector ``$3``, shift
+# ``$5``) and the magic ``$7``; INT3 ``$1``/``$2`` the low-bit words, ``$3``/``$4`` the bit-2 words, then the five
+# ``pair_operands`` and the magic (``$5`` .. ``$15``, odd numbers). ``$0`` holds the two elements' ``magic | code``
+# as fp16x2 / bf16x2. The constants reach ptxas as immediates.
 _PAIR_INT4_ASM = tl.constexpr("""{
 .reg .b32 t;
 prmt.b32 t, $1, $2, $3;
