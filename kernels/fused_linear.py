@@ -214,6 +214,34 @@ def _mixed_dot(lhs, rhs, acc, ACT: tl.constexpr):
         return tl.dot(lhs.to(tl.float32), rhs.to(tl.float32), acc, input_precision="ieee")
 
 
+@triton.jit
+def _load_tile_words(w_cols, kt, mask_n, stride_qk, BITS: tl.constexpr, SL: tl.constexpr, TW: tl.constexpr):
+    """K tile ``kt``'s words ``[32, BLOCK_N]`` and, for INT3, each row's bit-2 word shifted to its 16 bits.
+
+    ``w_cols``: ``qw_ptr + offs_n[None, :]``. INT4 returns the words twice (``_codes_slice`` ignores the second).
+    """
+    rows = tl.arange(0, SL)
+    words = tl.load(w_cols + (kt * TW + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
+    if BITS == 4:
+        hi_sel = words
+    else:
+        hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
+        hi_sel = hi >> ((rows % 2) * 16)[:, None]
+    return words, hi_sel
+
+
+@triton.jit
+def _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE: tl.constexpr):
+    """Scales and int32 zero points ``[BLOCK_N]`` of the group holding channel ``k0``.
+
+    The last tile's padding (codes 0, past ``K``) takes the last group's (finite) scale and meets x read as 0.
+    """
+    g = min(k0, K - 1) // GROUP_SIZE
+    scale = tl.load(sc_cols + g * stride_sg, mask=mask_n, other=0.0)
+    zero = tl.load(zp_cols + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+    return scale, zero
+
+
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
@@ -279,19 +307,11 @@ def _rosaq_linear_kernel(
     kt_start = pid_k * tiles_per_split
     kt_end = min(kt_start + tiles_per_split, k_tiles)
     for kt in range(kt_start, kt_end):
-        words = tl.load(w_cols + (kt * TW + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
-        if BITS == 4:
-            hi_sel = words
-        else:
-            hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
-            hi_sel = hi >> ((rows % 2) * 16)[:, None]
+        words, hi_sel = _load_tile_words(w_cols, kt, mask_n, stride_qk, BITS, SL, TW)
         for j in tl.static_range(NSL):
             k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
             if j % SPG == 0:
-                # The last tile's padding (codes 0) meets x read as 0 and the last group's (finite) scale.
-                g = min(k0, K - 1) // GROUP_SIZE
-                scale = tl.load(sc_cols + g * stride_sg, mask=mask_n, other=0.0)
-                zero = tl.load(zp_cols + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+                scale, zero = _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE)
             if BLOCK_M == 1:
                 # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
                 # is one exact subtraction), times the scale once per group.
@@ -316,21 +336,19 @@ def _rosaq_linear_kernel(
                 if SWAP:
                     a_mask = k_ok[:, None] & mask_m[None, :]
                     a = tl.load(x_cols + (k0 + rows)[:, None] * stride_xk, mask=a_mask, other=0.0)
-                    if LATE_SCALE:
-                        part = _quant_dot(tl.trans(w), a, part, ACT, COMPILED)
-                        if (j + 1) % SPG == 0:
-                            acc += part * scale.to(tl.float32)[:, None]
-                    else:
-                        acc = _quant_dot(tl.trans(w), a, acc, ACT, COMPILED)
+                    lhs, rhs = tl.trans(w), a
+                    scale_acc = scale.to(tl.float32)[:, None]
                 else:
                     a_mask = mask_m[:, None] & k_ok[None, :]
                     a = tl.load(x_rows + (k0 + rows)[None, :] * stride_xk, mask=a_mask, other=0.0)
-                    if LATE_SCALE:
-                        part = _quant_dot(a, w, part, ACT, COMPILED)
-                        if (j + 1) % SPG == 0:
-                            acc += part * scale.to(tl.float32)[None, :]
-                    else:
-                        acc = _quant_dot(a, w, acc, ACT, COMPILED)
+                    lhs, rhs = a, w
+                    scale_acc = scale.to(tl.float32)[None, :]
+                if LATE_SCALE:
+                    part = _quant_dot(lhs, rhs, part, ACT, COMPILED)
+                    if (j + 1) % SPG == 0:
+                        acc += part * scale_acc
+                else:
+                    acc = _quant_dot(lhs, rhs, acc, ACT, COMPILED)
 
     # ---- salient part: tiles of BLOCK_S gathered channels, dealt round-robin over the splits ----
     offs_s = tl.arange(0, BLOCK_S)
@@ -430,18 +448,12 @@ def _dequantize_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, SL)
-    w_cols = qw_ptr + offs_n[None, :]
-    words = tl.load(w_cols + (kt * TW + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
-    if BITS == 4:
-        hi_sel = words
-    else:
-        hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
-        hi_sel = hi >> ((rows % 2) * 16)[:, None]
+    words, hi_sel = _load_tile_words(qw_ptr + offs_n[None, :], kt, mask_n, stride_qk, BITS, SL, TW)
+    sc_cols = sc_ptr + offs_n * stride_sn
+    zp_cols = zp_ptr + offs_n * stride_zn
     for j in tl.static_range(NSL):
         k0 = kt * SL * NSL + j * SL
-        g = min(k0, K - 1) // GROUP_SIZE
-        scale = tl.load(sc_ptr + offs_n * stride_sn + g * stride_sg, mask=mask_n, other=0.0)
-        zero = tl.load(zp_ptr + offs_n * stride_zn + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+        scale, zero = _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE)
         cz = _code_minus_zero(_magic_slice(words, hi_sel, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
         w = cz.to(tl.float32) * scale.to(tl.float32)[None, :]
         tl.store(
