@@ -280,14 +280,15 @@ def _sweep_candidates(M, bits):
     if M == 1:
         fma = [(1, 64, 4, 2, 8, 0, 0), (1, 128, 4, 2, 8, 0, 0)]
         tc = [(16, 64, 4, 3, wv, sw, la) for wv in (4, 8) for sw, la in both]
-        return fma + tc + [(16, 64, 2, 3, wv, 0, 1) for wv in (4, 8)] + [(16, 128, 4, 3, 4, 0, 1)]
+        more = [(16, 64, 4, 3, 16, 0, la) for la in (0, 1)] + [(16, 64, 2, 3, wv, 0, 1) for wv in (4, 8, 16)]
+        return fma + tc + more + [(16, 128, 4, 3, wv, 0, 1) for wv in (4, 8)]
     if M == 32:  # one tile of 32 rows or two of 16
         return [(bm, 64, 4, 3, wv, sw, la) for bm in (16, 32) for wv in (2, 4) for sw, la in both]
     if M == 128:
         tc = [(64, bn, 4, 3, wv, 1, 0) for bn in (64, 128) for wv in (0, 2)]
         return tc + [(128, 128, 8, 3, 0, 1, 0), (128, 64, 4, 3, 0, 1, 0)] + dense[:1]
     if M <= 16:
-        tc = [(16, 64, 4, 3, wv, sw, la) for wv in (2, 4) for sw, la in both]
+        tc = [(16, 64, 4, 3, wv, sw, la) for wv in (2, 4, 8) for sw, la in both]
         return tc + [(16, 128, 4, 3, 2, 0, la) for la in (0, 1)] + [(16, 64, 2, 3, wv, 0, 0) for wv in (2, 4)]
     if M <= 64:
         st = 3 if bits == 4 else 2  # INT3's 512-channel K tile: 3 stages of BLOCK_M = 64 exceed shared memory

@@ -43,8 +43,9 @@ Structure (in the style of Triton's matmul tutorial):
 * ``_dequantize_kernel`` (large M, where the product is bound by the tensor cores rather than the weight
   bytes): the weight is dequantized once into a dense ``[K, N]`` matrix of the activation dtype, the
   salient weights are added into their rows, and ``torch.matmul`` (cuBLAS) does the product.
-* With split-K the programs write fp32 partial sums and ``_splitk_reduce_kernel`` adds them and casts
-  to the output dtype (deterministic; no atomics, no memset).
+* With split-K every program writes its fp32 partial sums and counts itself in on its output tile's counter
+  (one atomic); the last to arrive adds the partials in split order (deterministic) and writes ``y`` in the
+  output dtype, then resets the counter: one launch, no memset, no spinning (as Marlin's locks).
 * The online block rotation is a separate small Triton kernel, ``_block_rotate_kernel``
   (``x' = x · blockdiag(rot)`` on the tensor cores, written once in ``x.dtype``), run before the main
   kernel. It is not fused: the main kernel splits N over many programs, and each would have to redo
@@ -244,19 +245,20 @@ def _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GR
 
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
-    x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, out_ptr,
+    x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, y_ptr, out_ptr, counter_ptr,
     M, N, K, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
     stride_qk,
     stride_sn, stride_sg,
     stride_zn, stride_zg,
     stride_wn, stride_ws,
+    stride_ym, stride_yn,
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
     SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
-    COMPILED: tl.constexpr,
+    SPLIT: tl.constexpr, COMPILED: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``y`` over the K tiles of split ``program_id(1)``.
 
@@ -374,32 +376,27 @@ def _rosaq_linear_kernel(
         acc = (tl.sum(acc2, axis=0) + acc_s)[None, :]
 
     if SWAP:
-        out_ptrs = out_ptr + pid_k * stride_os + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
+        tile_offs = offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
+        y_offs = offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym
         out_mask = mask_n[:, None] & mask_m[None, :]
     else:
-        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tile_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        y_offs = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         out_mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])
-def _splitk_reduce_kernel(
-    part_ptr, out_ptr, M, N, SPLIT_K,
-    stride_ps, stride_pm, stride_pn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ptrs = part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    if not SPLIT:
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Split-K, reduced in this launch: every split stores its fp32 partial sums, then counts itself in on
+        # the tile's counter; the last to arrive adds the partials in split order (deterministic) and writes y.
+        tl.store(out_ptr + pid_k * stride_os + tile_offs, acc, mask=out_mask)
+        tl.debug_barrier()  # all threads' partials are written before the (gpu-scope, release) count
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in range(SPLIT_K):  # read from L2 (.cg): the other SMs' partials are there
+                total += tl.load(out_ptr + s * stride_os + tile_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -478,21 +475,22 @@ def _dequantize_kernel(
 # tiles (the weights are the first, register, operand of the product); late scale = 1 multiplies each
 # group's exact partial product by its scales instead of scaling every dequantized weight. Fixed tables, no
 # autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
-# --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows.
+# --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows; the
+# M <= 64 rows again with --sweep-ms 1,16,32,64 after the split-K reduction moved into the kernel.
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
-        (16, 16, 64, 4, 3, 2, 0, 0),
-        (32, 32, 64, 4, 3, 2, 1, 0),
-        (64, 64, 64, 4, 3, 2, 1, 0),
+        (16, 16, 64, 4, 3, 8, 0, 1),
+        (32, 32, 64, 4, 3, 4, 1, 1),
+        (64, 64, 64, 4, 3, 4, 1, 0),
         (128, 64, 64, 4, 3, 2, 1, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
     3: (
         (1, 1, 64, 4, 2, 8, 0, 0),
-        (16, 16, 64, 4, 3, 2, 1, 1),
-        (32, 32, 64, 4, 3, 4, 0, 0),
+        (16, 16, 64, 4, 3, 4, 0, 0),
+        (32, 32, 64, 4, 3, 2, 0, 0),
         (64, 64, 64, 4, 2, 4, 1, 0),
         (128, 0, 64, 4, 1, 0, 0, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
@@ -538,6 +536,33 @@ def _pick_config(M: int, N: int, K: int, bits: int, device: torch.device, config
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
     return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, tiles_per_split, split
+
+
+#: Per-device int32 counters of the split-K reduction, one per output tile, all 0 between launches. Replaced
+#: buffers stay alive in ``_RETIRED_COUNTERS``: CUDA graphs captured earlier still point at them.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least ``tiles`` zeroed int32 counters on ``device``, kept for the life of the process.
+
+    The kernel's last split of a tile resets its counter, so the buffer is zero again after every launch and
+    is shared by all linears of a stream (kernels of one stream never overlap). Allocated on first use (vLLM's
+    warm-up, before CUDA-graph capture) and grown, never shrunk.
+    """
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "rosaq: split-K counters must be allocated before CUDA-graph capture; run the layer eagerly once "
+                "at this batch size first (vLLM's warm-up does)"
+            )
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def _rot_block(B: int) -> int:
@@ -630,31 +655,29 @@ def rosaq_fused_linear(
         if S:
             w_t.index_add_(0, salient_idx.long(), salient_weight.t().to(x.dtype))
         return torch.matmul(x, w_t, out=out)
-    dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-    dest_strides = (0, out.stride(0), out.stride(1)) if split == 1 else dest.stride()
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
-    _rosaq_linear_kernel[grid](
-        x, qweight, scales, qzeros, salient_idx, salient_weight, dest,
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if split == 1:  # not used by the kernel (SPLIT=False)
+        partials, counters = out, qweight
+    else:
+        partials = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, tiles)
+    _rosaq_linear_kernel[(tiles, split)](
+        x, qweight, scales, qzeros, salient_idx, salient_weight, out, partials, counters,
         M, N, K, S, k_tiles, tps, split,
         x.stride(0), x.stride(1),
         qweight.stride(0),
         scales.stride(0), scales.stride(1),
         qzeros.stride(0), qzeros.stride(1),
         sw_strides[0], sw_strides[1],
-        dest_strides[0], dest_strides[1], dest_strides[2],
+        out.stride(0), out.stride(1),
+        *((0, 0, 0) if split == 1 else partials.stride()),
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
         SL=SLICE, NSL=SLICES[bits], TW=TILE_WORDS[bits],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
-        SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % TILE[bits] == 0, COMPILED=not _interpreting(),
+        SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % TILE[bits] == 0, SPLIT=split > 1,
+        COMPILED=not _interpreting(),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split > 1:
-        rbm, rbn = 16, 256
-        _splitk_reduce_kernel[(triton.cdiv(M, rbm), triton.cdiv(N, rbn))](
-            dest, out, M, N, split,
-            dest.stride(0), dest.stride(1), dest.stride(2), out.stride(0), out.stride(1),
-            BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4,
-        )  # fmt: skip
     return out
 
 

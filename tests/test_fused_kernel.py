@@ -245,3 +245,24 @@ def test_explicit_launch_configs(bits, config):
     out = torch.full((M, N), float("nan"), dtype=torch.float16)
     y = rosaq_fused_linear(*args, bits, 128, out=out, config=config)
     _check(y, _reference64(*args, bits, 128), torch.float16)
+
+
+@late
+@pytest.mark.parametrize("bits,config", [(4, (16, 32, 4, 2, 8, 1, 0)), (3, (1, 32, 4, 2, 8, 0, 0))])
+def test_split_k_reduction_is_deterministic_and_resets_its_counters(bits, config):
+    """The in-launch split-K reduction: right result, bit-identical on repeat, every tile counter back at 0."""
+    from rosaq_kernels.fused_linear import _COUNTERS, _pick_config
+
+    gen = torch.Generator().manual_seed(70 + bits)
+    M, K, N, S = 5, 1536, 96, 32
+    args = _random_layer(gen, M, K, N, bits, S, 0, torch.float16)
+    split = _pick_config(M, N, K, bits, torch.device("cpu"), config)[-1]
+    assert split > 1  # the case must exercise the reduction
+    ys = []
+    for _ in range(2):
+        out = torch.full((M, N), float("nan"), dtype=torch.float16)
+        ys.append(rosaq_fused_linear(*args, bits, 128, out=out, config=config))
+        counters = _COUNTERS[torch.device("cpu")]
+        assert counters.abs().sum().item() == 0, "a split-K tile counter was not reset"
+    _check(ys[0], _reference64(*args, bits, 128), torch.float16)
+    assert torch.equal(ys[0], ys[1])
