@@ -52,8 +52,9 @@ Structure (in the style of Triton's matmul tutorial):
   the rotation of its x tile and re-read ``rot`` (``K·B`` elements; B/BLOCK_N times the GEMM's flops),
   which costs more than one extra pass over x (``M·K`` elements).
 
-CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the only
-allocations are ``torch.empty`` (torch's caching allocator; the large-M path's dense weight too), and nothing
+CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the per-call
+allocations are ``torch.empty`` (torch's caching allocator; the large-M path's dense weight too), the split-K
+counters are one persistent buffer per device made on the first eager call (never during capture), and nothing
 reads device memory on the host. Every (M bucket, dtype, bits) variant compiles on its first eager call;
 vLLM's warm-up before capture makes those calls.
 """
