@@ -549,8 +549,8 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """At least ``tiles`` zeroed int32 counters on ``device``, kept for the life of the process.
 
     The kernel's last split of a tile resets its counter, so the buffer is zero again after every launch and
-    is shared by all linears of a stream (kernels of one stream never overlap). Allocated on first use (vLLM's
-    warm-up, before CUDA-graph capture) and grown, never shrunk.
+    is shared by all linears of a stream (kernels of one stream never overlap). Allocated by ``prepare_weights``
+    (at load, before CUDA-graph capture) or on first use, grown if ever needed, never freed.
     """
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < tiles:
@@ -707,6 +707,8 @@ def prepare_weights(
     ``rot_dtype``. Use with :func:`fused_linear`, or ``torch.ops.rosaq.linear`` with ``kernel_layout=True``.
     """
     in_features = scales.shape[1] * group_size
+    if qweight.is_cuda:  # the split-K counters exist before any CUDA-graph capture
+        _tile_counters(qweight.device, 0)
     return {
         "qweight": to_kernel_layout(qweight, bits, in_features),
         "scales": _column_major(scales.to(torch.float16)),
