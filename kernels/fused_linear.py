@@ -54,7 +54,7 @@ Structure (in the style of Triton's matmul tutorial):
 
 CUDA-graph safety: launch configurations come from fixed tables by M bucket (no autotuning), the per-call
 allocations are ``torch.empty`` (torch's caching allocator; the large-M path's dense weight too), the split-K
-counters are one persistent buffer per device made on the first eager call (never during capture), and nothing
+counters are one persistent buffer per device made by ``prepare_weights`` at load (never during capture), and nothing
 reads device memory on the host. Every (M bucket, dtype, bits) variant compiles on its first eager call;
 vLLM's warm-up before capture makes those calls.
 """
@@ -246,7 +246,7 @@ def _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GR
 
 @triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
-    x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, y_ptr, out_ptr, counter_ptr,
+    x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, S, k_tiles, tiles_per_split, SPLIT_K,
     stride_xm, stride_xk,
     stride_qk,
@@ -254,7 +254,7 @@ def _rosaq_linear_kernel(
     stride_zn, stride_zg,
     stride_wn, stride_ws,
     stride_ym, stride_yn,
-    stride_os, stride_om, stride_on,
+    stride_ps, stride_pm, stride_pn,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
     SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -377,11 +377,11 @@ def _rosaq_linear_kernel(
         acc = (tl.sum(acc2, axis=0) + acc_s)[None, :]
 
     if SWAP:
-        tile_offs = offs_n[:, None] * stride_on + offs_m[None, :] * stride_om
+        part_offs = offs_n[:, None] * stride_pn + offs_m[None, :] * stride_pm
         y_offs = offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym
         out_mask = mask_n[:, None] & mask_m[None, :]
     else:
-        tile_offs = offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        part_offs = offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
         y_offs = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         out_mask = mask_m[:, None] & mask_n[None, :]
     if not SPLIT:
@@ -389,13 +389,13 @@ def _rosaq_linear_kernel(
     else:
         # Split-K, reduced in this launch: every split stores its fp32 partial sums, then counts itself in on
         # the tile's counter; the last to arrive adds the partials in split order (deterministic) and writes y.
-        tl.store(out_ptr + pid_k * stride_os + tile_offs, acc, mask=out_mask)
+        tl.store(part_ptr + pid_k * stride_ps + part_offs, acc, mask=out_mask)
         tl.debug_barrier()  # all threads' partials are written before the (gpu-scope, release) count
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
             for s in range(SPLIT_K):  # read from L2 (.cg): the other SMs' partials are there
-                total += tl.load(out_ptr + s * stride_os + tile_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(part_ptr + s * stride_ps + part_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
