@@ -291,9 +291,8 @@ def _sweep_candidates(M, bits):
         tc = [(16, 64, 4, 3, wv, sw, la) for wv in (2, 4, 8) for sw, la in both]
         return tc + [(16, 128, 4, 3, 2, 0, la) for la in (0, 1)] + [(16, 64, 2, 3, wv, 0, 0) for wv in (2, 4)]
     if M <= 64:
-        st = 3 if bits == 4 else 2  # INT3's 512-channel K tile: 3 stages of BLOCK_M = 64 exceed shared memory
-        scaled = [(64, bn, 4, st, wv, sw, 0) for bn in (64, 128) for wv in (0, 2, 4) for sw in (0, 1)]
-        return scaled + [(64, 64, 4, st, wv, sw, 1) for wv in (2, 4) for sw in (0, 1)] + dense[:1]
+        scaled = [(64, bn, 4, st, wv, sw, 0) for bn in (64, 128) for st in (2, 3) for wv in (2, 4) for sw in (0, 1)]
+        return scaled + [(64, 64, 4, 3, wv, sw, 1) for wv in (2, 4) for sw in (0, 1)] + dense[:1]
     if M <= 256:
         return [(bm, 128, w, st, 0, 1, 0) for bm in (64, 128) for w in (4, 8) for st in (2, 3)] + dense
     return [(bm, bn, 8, st, 0, 1, 0) for bm in (128, 256) for bn in (128, 256) for st in (2, 3)] + dense

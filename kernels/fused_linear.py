@@ -11,28 +11,28 @@ correct is :func:`rosaq_kernels.reference.rosaq_linear_reference`.
 Weight layout: the kernel reads the *tile-interleaved* packing of :mod:`rosaq_kernels.tile_layout`, built
 once from the checkpoint's packing by :func:`prepare_weights` (in ``process_weights_after_loading``), which
 also stores scales and zero points column-major (the ``BLOCK_N`` scales of one group are one contiguous
-load) and casts ``rot`` to the activation dtype. Within a K tile (256 INT4 / 512 INT3 channels), packed
-column ``c`` holds channel ``32·j + c`` of every slice ``j``.
+load) and casts ``rot`` to the activation dtype. Within a K tile (256 INT4 / 320 INT3 channels), packed
+column ``c`` is one word holding channel ``32·j + c`` of every slice ``j`` (INT4: 8 codes, INT3: 10 codes).
 
 Structure (in the style of Triton's matmul tutorial):
 
 * ``_rosaq_linear_kernel``: one program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``y = x' · deq(W)ᵀ``
   over a range of K tiles (split-K for small M, the whole of K for large M, grouped tile order for L2
-  reuse). A K tile's words are read once (``[32, BLOCK_N]``, contiguous along the outputs; INT3 also its 16
-  bit-2 words) and cut into slices of 32 consecutive channels (INT4: nibble ``j``; INT3: bit pair ``j`` plus
-  bit ``j`` of the bit-2 word; never a widened INT4 copy). Each slice meets a contiguous ``[BLOCK_M, 32]``
-  block of ``x`` and one scale and zero point per output (a slice lies in one quantization group: the group
-  size is a multiple of 32). The last tile's padding reads ``x`` as 0.
+  reuse). A K tile's words are read once (``[32, BLOCK_N]``, contiguous along the outputs) and cut into
+  slices of 32 consecutive channels (slice ``j``: bits ``bits·j ..`` of every word; INT3 is a real 3-bit
+  path, never a widened INT4 copy). Each slice meets a contiguous ``[BLOCK_M, 32]`` block of ``x`` and one
+  scale and zero point per output (a slice lies in one quantization group: the group size is a multiple of
+  32). The last tile's padding reads ``x`` as 0.
 
   - ``BLOCK_M >= 16`` (tensor cores): compiled, the slice's codes come out two per instruction as in Marlin
-    (``_magic_slice``: inline PTX, ``prmt`` gathers the byte holding slice ``j`` of two words into the two
-    halves of a register and ``lop3`` masks it and ors in the "magic number": fp16 bits ``0x6400 | code``
-    are ``1024 + code``, bf16 ``0x4300 | code`` are ``128 + code``), so ``code - zero`` is one exact packed
-    subtraction. Either that operand is scaled (rounded once to the activation dtype) and multiplied into
-    one fp32 accumulator, or (``LATE_SCALE``) each group's exact partial product is multiplied by its scales
-    in fp32. The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or (``SWAP``) ``deq(W) · x'ᵀ`` as
-    ``[BLOCK_N, 32] · [32, BLOCK_M]``, which makes the dequantized weights the register operand of Hopper's
-    ``wgmma`` instead of a round trip through shared memory.
+    (``_magic_slice``: inline PTX, ``prmt`` gathers the two bytes holding slice ``j`` of two words into the
+    two halves of a register, ``shr`` aligns the code and ``lop3`` masks it and ors in the "magic number":
+    fp16 bits ``0x6400 | code`` are ``1024 + code``, bf16 ``0x4300 | code`` are ``128 + code``), so
+    ``code - zero`` is one exact packed subtraction. Either that operand is scaled (rounded once to the
+    activation dtype) and multiplied into one fp32 accumulator, or (``LATE_SCALE``) each group's exact partial
+    product is multiplied by its scales in fp32. The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or
+    (``SWAP``) ``deq(W) · x'ᵀ`` as ``[BLOCK_N, 32] · [32, BLOCK_M]``, which makes the dequantized weights the
+    register operand of Hopper's ``wgmma`` instead of a round trip through shared memory.
   - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
     FMAs (``code - zero`` exact: fp32 bits ``0x4B000000 | code`` are ``2^23 + code``) into a
     ``[32, BLOCK_N]`` register tile, times the scale once per quantization group, reduced once at the end.
@@ -67,7 +67,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from rosaq_kernels.tile_layout import SLICE, SLICES, TILE, TILE_WORDS, to_kernel_layout
+from rosaq_kernels.tile_layout import SLICE, SLICES, TILE, to_kernel_layout
 
 # Activation kinds (a constexpr of the kernels).
 _ACT_FP16, _ACT_BF16, _ACT_FP32 = 0, 1, 2
@@ -78,58 +78,39 @@ SALIENT_BLOCK = 16
 
 
 @triton.jit
-def _codes_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr):
+def _codes_slice(words, j: tl.constexpr, BITS: tl.constexpr):
     """Codes of slice ``j`` of a tile (row ``c`` = channel ``32·j + c``): int32 ``[32, BLOCK_N]``.
 
-    INT4: ``words`` are the tile's 32 words per output row, slice ``j`` is nibble ``j``. INT3: ``words`` are
-    the 32 low-bit words and ``hi_sel`` each one's bit-2 word shifted to its 16 bits; slice ``j`` is bit pair
-    ``j`` plus bit ``j``. One shift and mask per code: no register shuffles.
+    ``words`` are the tile's 32 words per output; slice ``j`` is bits ``BITS·j .. BITS·j + BITS - 1``. One
+    shift and mask per code: no register shuffles.
     """
-    if BITS == 4:
-        return (words >> (4 * j)) & 0xF
-    else:
-        return ((words >> (2 * j)) & 0x3) | (((hi_sel >> j) & 0x1) << 2)
+    return (words >> (BITS * j)) & ((1 << BITS) - 1)
 
 
 # Packed-pair extraction (PTX, two codes per instruction as in Marlin). With pack = 2 every operand comes as two
-# registers, one per element: INT4 ``$1``/``$2`` the two words, then ``pair_operands`` (selector ``$3``, shift
-# ``$5``) and the magic ``$7``; INT3 ``$1``/``$2`` the low-bit words, ``$3``/``$4`` the bit-2 words, then the five
-# ``pair_operands`` and the magic (``$5`` .. ``$15``, odd numbers). ``$0`` holds the two elements' ``magic | code``
-# as fp16x2 / bf16x2. The constants reach ptxas as immediates.
-_PAIR_INT4_ASM = tl.constexpr("""{
+# registers, one per element: ``$1``/``$2`` the two words, then ``pair_operands`` (selector ``$3``, shift ``$5``),
+# the code mask ``$7`` and the magic ``$9``. ``$0`` holds the two elements' ``magic | code`` as fp16x2 / bf16x2.
+# The constants reach ptxas as immediates.
+_PAIR_ASM = tl.constexpr("""{
 .reg .b32 t;
 prmt.b32 t, $1, $2, $3;
 shr.u32 t, t, $5;
-lop3.b32 $0, t, 0x000F000F, $7, 0xEA;
-}""")
-_PAIR_INT3_ASM = tl.constexpr("""{
-.reg .b32 t, u;
-prmt.b32 t, $1, $2, $5;
-shr.u32 t, t, $7;
-prmt.b32 u, $3, $4, $9;
-shl.b32 u, u, $11;
-shr.u32 u, u, $13;
-lop3.b32 t, t, 0x00030003, $15, 0xEA;
-lop3.b32 $0, u, 0x00040004, t, 0xEA;
+lop3.b32 $0, t, $7, $9, 0xEA;
 }""")
 
 
 @triton.constexpr_function
 def pair_operands(bits, j):
-    """Constant operands of slice ``j``'s pair extraction (``_PAIR_INT4_ASM`` / ``_PAIR_INT3_ASM``).
+    """``(prmt selector, right shift)`` of slice ``j``'s pair extraction (``_PAIR_ASM``).
 
-    INT4: ``(prmt selector, right shift)``: the selector puts byte ``j // 2`` (nibble ``j``) of the two words in
-    the two 16-bit halves. INT3: ``(selector, right shift)`` of bit pair ``j`` in the low-bit words, then
-    ``(selector, left shift, right shift)`` taking bit ``j`` of the bit-2 words to bit 2 of each half.
+    The code of slice ``j`` is bits ``bits·j ..`` of a word, inside bytes ``b`` and ``b + 1`` with
+    ``b = min(bits·j // 8, 3)``; the selector puts those two bytes of the first word in the low half of the
+    result and those of the second word in the high half, and the shift brings the code to bit 0 of each
+    half (at most 7 bits: a code never crosses into the other half).
     """
-
-    def selector(byte):
-        return byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)
-
-    if bits == 4:
-        return (selector(j // 2), 4 * (j % 2))
-    o = j % 8  # bit j's position in its byte of the bit-2 word
-    return (selector(j // 4), 2 * (j % 4), selector(j // 8), max(2 - o, 0), max(o - 2, 0))
+    b = min(bits * j // 8, 3)
+    b1 = min(b + 1, 3)  # bits·j + bits <= 30: when b = 3 the code lies in byte 3 alone
+    return (b | (b1 << 4) | ((4 + b) << 8) | ((4 + b1) << 12), bits * j - 8 * b)
 
 
 @triton.jit
@@ -139,39 +120,32 @@ def _imm(like, value: tl.constexpr):
 
 
 @triton.jit
-def _magic_slice(words, hi_sel, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr):
+def _magic_slice(words, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr):
     """``magic + code`` of slice ``j`` (see ``_codes_slice``) in the activation dtype, exact.
 
     fp16 bits ``0x6400 | c`` are ``1024 + c``; bf16 bits ``0x4300 | c`` are ``128 + c``. Compiled, two codes
-    per instruction (PTX ``prmt`` gathers the byte holding slice ``j`` of two words into the two halves of
-    one register, ``lop3`` masks and adds the magic: fp16x2 ready); under the interpreter the same values
-    through ``_codes_slice``. fp32 activations: the codes themselves (int32).
+    per instruction (PTX ``prmt`` gathers the bytes holding slice ``j`` of two words into the two halves of
+    one register, ``shr`` and ``lop3`` align, mask and add the magic: fp16x2 ready); under the interpreter
+    the same values through ``_codes_slice``. fp32 activations: the codes themselves (int32).
     """
     if ACT == 2 or (ACT == 1 and not COMPILED):
-        out = _codes_slice(words, hi_sel, j, BITS)
+        out = _codes_slice(words, j, BITS)
     elif not COMPILED:
-        out = (_codes_slice(words, hi_sel, j, BITS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        out = (_codes_slice(words, j, BITS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     else:
         if ACT == 0:
             magic: tl.constexpr = 0x64006400
         else:
             magic: tl.constexpr = 0x43004300
-        if BITS == 4:
-            out = tl.inline_asm_elementwise(
-                _PAIR_INT4_ASM, "=r,r,r,r,r,r,r,r,r",
-                [words, _imm(words, pair_operands(4, j)[0]), _imm(words, pair_operands(4, j)[1]), _imm(words, magic)],
-                dtype=tl.float16, is_pure=True, pack=2,
-            )  # fmt: skip
-        else:
-            out = tl.inline_asm_elementwise(
-                _PAIR_INT3_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                [
-                    words, hi_sel, _imm(words, pair_operands(3, j)[0]), _imm(words, pair_operands(3, j)[1]),
-                    _imm(words, pair_operands(3, j)[2]), _imm(words, pair_operands(3, j)[3]),
-                    _imm(words, pair_operands(3, j)[4]), _imm(words, magic),
-                ],
-                dtype=tl.float16, is_pure=True, pack=2,
-            )  # fmt: skip
+        mask: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
+        out = tl.inline_asm_elementwise(
+            _PAIR_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+            [
+                words, _imm(words, pair_operands(BITS, j)[0]), _imm(words, pair_operands(BITS, j)[1]),
+                _imm(words, mask), _imm(words, magic),
+            ],
+            dtype=tl.float16, is_pure=True, pack=2,
+        )  # fmt: skip
         if ACT == 1:  # the asm's result is a bit pattern: bf16 magic codes
             out = out.to(tl.bfloat16, bitcast=True)
     return out
@@ -217,19 +191,10 @@ def _mixed_dot(lhs, rhs, acc, ACT: tl.constexpr):
 
 
 @triton.jit
-def _load_tile_words(w_cols, kt, mask_n, stride_qk, BITS: tl.constexpr, SL: tl.constexpr, TW: tl.constexpr):
-    """K tile ``kt``'s words ``[32, BLOCK_N]`` and, for INT3, each row's bit-2 word shifted to its 16 bits.
-
-    ``w_cols``: ``qw_ptr + offs_n[None, :]``. INT4 returns the words twice (``_codes_slice`` ignores the second).
-    """
+def _load_tile_words(w_cols, kt, mask_n, stride_qk, SL: tl.constexpr):
+    """K tile ``kt``'s words ``[32, BLOCK_N]`` (``w_cols``: ``qw_ptr + offs_n[None, :]``)."""
     rows = tl.arange(0, SL)
-    words = tl.load(w_cols + (kt * TW + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
-    if BITS == 4:
-        hi_sel = words
-    else:
-        hi = tl.load(w_cols + (kt * TW + SL + rows // 2)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
-        hi_sel = hi >> ((rows % 2) * 16)[:, None]
-    return words, hi_sel
+    return tl.load(w_cols + (kt * SL + rows)[:, None] * stride_qk, mask=mask_n[None, :], other=0)
 
 
 @triton.jit
@@ -256,7 +221,7 @@ def _rosaq_linear_kernel(
     stride_ym, stride_yn,
     stride_ps, stride_pm, stride_pn,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
-    SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr,
+    SL: tl.constexpr, NSL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT: tl.constexpr, COMPILED: tl.constexpr,
@@ -291,7 +256,7 @@ def _rosaq_linear_kernel(
     sc_cols = sc_ptr + offs_n * stride_sn
     zp_cols = zp_ptr + offs_n * stride_zn
 
-    # The layout of rosaq_kernels.tile_layout: SL channels per slice, NSL slices and TW words per tile.
+    # The layout of rosaq_kernels.tile_layout: SL channels per slice and SL words per tile, NSL slices.
     TILE: tl.constexpr = SL * NSL
     # Slices that share one scale (one quantization group) inside a tile; 1 when groups and tiles do not nest.
     SPG: tl.constexpr = (GROUP_SIZE // SL) if TILE % GROUP_SIZE == 0 else (NSL if GROUP_SIZE % TILE == 0 else 1)
@@ -310,15 +275,16 @@ def _rosaq_linear_kernel(
     kt_start = pid_k * tiles_per_split
     kt_end = min(kt_start + tiles_per_split, k_tiles)
     for kt in range(kt_start, kt_end):
-        words, hi_sel = _load_tile_words(w_cols, kt, mask_n, stride_qk, BITS, SL, TW)
+        words = _load_tile_words(w_cols, kt, mask_n, stride_qk, SL)
         for j in tl.static_range(NSL):
             k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
+            k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no tile is padded, loads stay vectorized)
             if j % SPG == 0:
                 scale, zero = _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE)
             if BLOCK_M == 1:
                 # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
                 # is one exact subtraction), times the scale once per group.
-                codes = _codes_slice(words, hi_sel, j, BITS)
+                codes = _codes_slice(words, j, BITS)
                 xk = tl.load(x_row + (k0 + rows) * stride_xk, mask=k0 + rows < K, other=0.0)  # (pid_m < M always)
                 if j % SPG == 0:
                     zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
@@ -330,8 +296,7 @@ def _rosaq_linear_kernel(
             else:
                 # Tensor cores: x' · deq(W)ᵀ as [BLOCK_M, BLOCK_N] tiles, or (SWAP) deq(W) · x'ᵀ as [BLOCK_N,
                 # BLOCK_M] tiles, which lets the weights be the register operand of Hopper's wgmma.
-                k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no tile is padded, loads stay vectorized)
-                w = _code_minus_zero(_magic_slice(words, hi_sel, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
+                w = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
                 if not LATE_SCALE:  # scale the operand (rounded once to its dtype, as in Marlin)
                     w = w * scale[None, :].to(w.dtype)
                 elif j % SPG == 0:  # scale the group's exact partial product, once per group
@@ -435,7 +400,7 @@ def _dequantize_kernel(
     qw_ptr, sc_ptr, zp_ptr, out_ptr, N, K,
     stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, stride_ok, stride_on,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
-    SL: tl.constexpr, NSL: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, COMPILED: tl.constexpr,
+    SL: tl.constexpr, NSL: tl.constexpr, BLOCK_N: tl.constexpr, COMPILED: tl.constexpr,
 ):  # fmt: skip
     """``out[k, n] = deq(W)[n, k]`` (``[K, N]``, the activation dtype) for one K tile × ``BLOCK_N`` outputs.
 
@@ -446,13 +411,13 @@ def _dequantize_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = tl.arange(0, SL)
-    words, hi_sel = _load_tile_words(qw_ptr + offs_n[None, :], kt, mask_n, stride_qk, BITS, SL, TW)
+    words = _load_tile_words(qw_ptr + offs_n[None, :], kt, mask_n, stride_qk, SL)
     sc_cols = sc_ptr + offs_n * stride_sn
     zp_cols = zp_ptr + offs_n * stride_zn
     for j in tl.static_range(NSL):
         k0 = kt * SL * NSL + j * SL
         scale, zero = _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE)
-        cz = _code_minus_zero(_magic_slice(words, hi_sel, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
+        cz = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
         w = cz.to(tl.float32) * scale.to(tl.float32)[None, :]
         tl.store(
             out_ptr + (k0 + rows)[:, None] * stride_ok + offs_n[None, :] * stride_on,
@@ -471,13 +436,14 @@ def _dequantize_kernel(
 # tensor-core path, 0 the large-M path: dequantize the weight once into a dense ``[K, N]`` matrix (a Triton kernel
 # of BLOCK_N outputs per program, the remaining fields unused) and multiply with torch.matmul (cuBLAS), as vLLM's
 # AWQ method does from 256 tokens on. The K tile is the layout's (rosaq_kernels.tile_layout.TILE: 256 channels for
-# INT4, 512 for INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so
+# INT4, 320 for INT3). With waves > 0 the K loop is split so that about ``waves × #SMs`` programs run (capped so
 # that the fp32 partial sums stay small next to the weight); 0 means no split. swap = 1 computes ``deq(W) · x'ᵀ``
 # tiles (the weights are the first, register, operand of the product); late scale = 1 multiplies each
 # group's exact partial product by its scales instead of scaling every dequantized weight. Fixed tables, no
 # autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
 # --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows; the
-# M <= 64 rows again with --sweep-ms 1,16,32,64 after the split-K reduction moved into the kernel.
+# M <= 64 rows again with --sweep-ms 1,16,32,64 after the split-K reduction moved into the kernel; the INT3 rows up
+# to M = 128 again after its layout became 10 codes per word (benchmarks/ab_configs.py, BENCHMARKS.md).
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
@@ -489,11 +455,11 @@ _CONFIGS = {
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
     3: (
-        (1, 1, 64, 4, 2, 8, 0, 0),
+        (1, 16, 64, 4, 3, 4, 0, 0),
         (16, 16, 64, 4, 3, 4, 0, 0),
         (32, 32, 64, 4, 3, 2, 0, 0),
-        (64, 64, 64, 4, 2, 4, 1, 0),
-        (128, 0, 64, 4, 1, 0, 0, 0),
+        (64, 64, 64, 4, 3, 4, 1, 0),
+        (128, 64, 64, 4, 3, 2, 1, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
@@ -629,7 +595,7 @@ def rosaq_fused_linear(
         if qweight.shape[1] * 32 != K * bits:
             raise ValueError(f"qweight {tuple(qweight.shape)} does not hold K={K} INT{bits} codes")
         qweight = to_kernel_layout(qweight, bits, K)
-    elif qweight.shape[0] != triton.cdiv(K, TILE[bits]) * TILE_WORDS[bits] or qweight.stride(1) != 1:
+    elif qweight.shape[0] != triton.cdiv(K, TILE[bits]) * SLICE or qweight.stride(1) != 1:
         raise ValueError(f"qweight {tuple(qweight.shape)} is not the kernel layout of K={K} INT{bits} codes")
     N = qweight.shape[1]
     if out is None:
@@ -651,7 +617,7 @@ def rosaq_fused_linear(
             qweight.stride(0), scales.stride(0), scales.stride(1), qzeros.stride(0), qzeros.stride(1),
             w_t.stride(0), w_t.stride(1),
             BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype], SL=SLICE, NSL=SLICES[bits],
-            TW=TILE_WORDS[bits], BLOCK_N=bn, COMPILED=not _interpreting(), num_warps=warps,
+            BLOCK_N=bn, COMPILED=not _interpreting(), num_warps=warps,
         )  # fmt: skip
         if S:
             w_t.index_add_(0, salient_idx.long(), salient_weight.t().to(x.dtype))
@@ -673,7 +639,7 @@ def rosaq_fused_linear(
         out.stride(0), out.stride(1),
         *((0, 0, 0) if split == 1 else partials.stride()),
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
-        SL=SLICE, NSL=SLICES[bits], TW=TILE_WORDS[bits],
+        SL=SLICE, NSL=SLICES[bits],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
         SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % TILE[bits] == 0, SPLIT=split > 1,
         COMPILED=not _interpreting(),
@@ -701,7 +667,7 @@ def prepare_weights(
     """Repack a checkpoint's tensors for the kernel (call once, in ``process_weights_after_loading``).
 
     Returns a dict of the tensors of a ROSAQ linear: ``qweight`` in the tile-interleaved layout
-    (:func:`rosaq_kernels.tile_layout.to_kernel_layout`, int32 ``[ceil(K / TILE) · TILE_WORDS, N]``),
+    (:func:`rosaq_kernels.tile_layout.to_kernel_layout`, int32 ``[ceil(K / TILE) · 32, N]``),
     ``scales`` (fp16), ``qzeros`` and ``salient_weight`` (fp16) stored column-major (``[K/g, N]`` and
     ``[S, N]`` in memory: contiguous along the outputs of a tile), ``salient_idx`` int32, ``rot`` in
     ``rot_dtype``. Use with :func:`fused_linear`, or ``torch.ops.rosaq.linear`` with ``kernel_layout=True``.

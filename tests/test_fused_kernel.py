@@ -35,7 +35,7 @@ try:
         prepare_weights,
         rosaq_fused_linear,
     )
-    from rosaq_kernels.tile_layout import TILE, TILE_WORDS, from_kernel_layout, to_kernel_layout
+    from rosaq_kernels.tile_layout import SLICE, TILE, from_kernel_layout, to_kernel_layout
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton (interpreter) unavailable: {exc!r}", allow_module_level=True)
 
@@ -141,14 +141,14 @@ def test_fused_matches_reference(M, K, N, bits, S, B, dtype):
     # Groups inside a tile (several slices per scale), one slice per group, groups spanning whole tiles,
     # and group sizes that neither divide nor are divided by the tile (one scale load per slice).
     [(4, 64, 256), (3, 32, 256), (4, 32, 256), (3, 128, 256), (4, 512, 1024), (3, 512, 1024), (4, 96, 768),
-     (3, 160, 640)],
+     (3, 160, 640), (3, 128, 640), (3, 640, 1280)],
 )
 def test_prepared_layout_and_group_sizes(bits, group_size, K):
     gen = torch.Generator().manual_seed(1000 + bits * 100 + group_size)
     M, N, S = 3, 64, 16
     x, qweight, scales, qzeros, sidx, sw, rot = _random_layer(gen, M, K, N, bits, S, 64, torch.float16, group_size)
     prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=group_size)
-    assert prepared["qweight"].shape == (-(-K // TILE[bits]) * TILE_WORDS[bits], N)
+    assert prepared["qweight"].shape == (-(-K // TILE[bits]) * SLICE, N)
     assert torch.equal(from_kernel_layout(prepared["qweight"], bits, K), qweight)
     assert torch.equal(prepared["qzeros"], qzeros)
     assert torch.equal(prepared["scales"], scales) and prepared["scales"].stride() == (1, N)
@@ -176,16 +176,13 @@ def test_kernel_layout_roundtrip_and_slices(bits, K):
     codes = torch.randint(0, 2**bits, (5, K), generator=gen)
     packed = pack(codes, bits)
     kw = to_kernel_layout(packed, bits, K)
-    assert kw.dtype == torch.int32 and kw.shape == (-(-K // TILE[bits]) * TILE_WORDS[bits], 5) and kw.stride(1) == 1
+    assert kw.dtype == torch.int32 and kw.shape == (-(-K // TILE[bits]) * SLICE, 5) and kw.stride(1) == 1
     assert torch.equal(from_kernel_layout(kw, bits, K), packed)
-    words = (kw.t().long() & 0xFFFFFFFF).reshape(5, -1, TILE_WORDS[bits])
+    words = (kw.t().long() & 0xFFFFFFFF).reshape(5, -1, SLICE)
     for _ in range(20):
         ch = int(torch.randint(0, K, (1,), generator=gen))
         t, j, c = ch // TILE[bits], (ch % TILE[bits]) // 32, ch % 32
-        if bits == 4:
-            got = (words[:, t, c] >> (4 * j)) & 0xF
-        else:
-            got = ((words[:, t, c] >> (2 * j)) & 3) | (((words[:, t, 32 + c // 2] >> (16 * (c % 2) + j)) & 1) << 2)
+        got = (words[:, t, c] >> (bits * j)) & (2**bits - 1)
         assert torch.equal(got, codes[:, ch].long()), (ch, t, j, c)
 
 

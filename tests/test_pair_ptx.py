@@ -1,6 +1,6 @@
 """The inline-PTX pair extraction of the fused kernel, emulated on the CPU against the tile layout.
 
-On the GPU ``_magic_slice`` runs ``prmt`` / ``shr`` / ``shl`` / ``lop3`` on two packed words at a time with
+On the GPU ``_magic_slice`` runs ``prmt`` / ``shr`` / ``lop3`` on two packed words at a time with
 the constants of ``pair_operands``; Triton's interpreter cannot run PTX, so the CPU kernel tests take the
 plain-Triton branch. This test emulates those PTX instructions bit for bit (PTX ISA semantics) on words of
 ``to_kernel_layout`` built from random codes, and checks that every slice ``j`` yields, in each 16-bit half,
@@ -35,17 +35,10 @@ def lop3_ea(a: int, b: int, c: int) -> int:
     return ((a & b) | c) & M32
 
 
-def pair_int4(w0: int, w1: int, j: int, magic: int) -> int:
-    sel, shift = pair_operands(4, j)
+def pair(w0: int, w1: int, j: int, bits: int, magic: int) -> int:
+    sel, shift = pair_operands(bits, j)
     t = (prmt(w0, w1, sel) & M32) >> shift
-    return lop3_ea(t, 0x000F000F, magic)
-
-
-def pair_int3(w0: int, w1: int, h0: int, h1: int, j: int, magic: int) -> int:
-    sel_lo, shift_lo, sel_hi, shl, shr = pair_operands(3, j)
-    t = (prmt(w0, w1, sel_lo) & M32) >> shift_lo
-    u = ((prmt(h0, h1, sel_hi) << shl) & M32) >> shr
-    return lop3_ea(u, 0x00040004, lop3_ea(t, 0x00030003, magic))
+    return lop3_ea(t, ((1 << bits) - 1) * 0x00010001, magic)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -54,7 +47,7 @@ def test_pair_extraction_matches_tile_layout(bits):
     n_rows = 3
     K = TILE[bits] + SLICE * 3  # one full tile and a padded one
     codes = torch.randint(0, 2**bits, (n_rows, K), generator=gen)
-    kw = to_kernel_layout(pack(codes, bits), bits, K)  # [words, N] int32, words of tile t at rows t·TW ..
+    kw = to_kernel_layout(pack(codes, bits), bits, K)  # [words, N] int32, words of tile t at rows 32·t ..
     words_per_tile = kw.shape[0] // 2
     padded = torch.nn.functional.pad(codes, (0, 2 * TILE[bits] - K))
     for n in range(n_rows):
@@ -62,12 +55,9 @@ def test_pair_extraction_matches_tile_layout(bits):
             col = kw[tile * words_per_tile : (tile + 1) * words_per_tile, n].tolist()
             for c in range(0, SLICE, 2):  # the two elements of one asm instance: word rows c and c + 1
                 w0, w1 = col[c] & M32, col[c + 1] & M32
-                if bits == 3:  # the kernel's hi_sel: the bit-2 word shifted (arithmetically) to its half
-                    h0 = (col[SLICE + c // 2] >> (16 * (c % 2))) & M32
-                    h1 = (col[SLICE + (c + 1) // 2] >> (16 * ((c + 1) % 2))) & M32
                 for j in range(SLICES[bits]):
                     want = [int(padded[n, tile * TILE[bits] + SLICE * j + c + e]) for e in (0, 1)]
                     for magic in MAGICS:
-                        r = pair_int4(w0, w1, j, magic) if bits == 4 else pair_int3(w0, w1, h0, h1, j, magic)
+                        r = pair(w0, w1, j, bits, magic)
                         got = [(r & 0xFFFF) ^ (magic & 0xFFFF), (r >> 16) ^ (magic >> 16)]
                         assert got == want, f"INT{bits} tile {tile} row {c} slice {j}: {got} != {want}"
