@@ -22,7 +22,9 @@ Structure (in the style of Triton's matmul tutorial):
   slices of 32 consecutive channels (slice ``j``: bits ``bits·j ..`` of every word; INT3 is a real 3-bit
   path, never a widened INT4 copy). Each slice meets a contiguous ``[BLOCK_M, 32]`` block of ``x`` and one
   scale and zero point per output (a slice lies in one quantization group: the group size is a multiple of
-  32). The last tile's padding reads ``x`` as 0.
+  32). The last tile's padding reads ``x`` as 0. Where groups do not nest in one tile but do in two (INT3's
+  320 channels with g128), programs of at most 16 rows step over two tiles at a time, so that the group
+  parameters are loaded once per group rather than once per slice (``tiles_per_step``).
 
   - ``BLOCK_M >= 16`` (tensor cores): compiled, the slice's codes come out two per instruction as in Marlin
     (``_magic_slice``: inline PTX, ``prmt`` gathers the two bytes holding slice ``j`` of two words into the
@@ -209,10 +211,10 @@ def _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GR
     return scale, zero
 
 
-@triton.jit(do_not_specialize=["M", "k_tiles", "tiles_per_split", "SPLIT_K"])
+@triton.jit(do_not_specialize=["M", "k_tiles", "steps_per_split", "SPLIT_K"])
 def _rosaq_linear_kernel(
     x_ptr, qw_ptr, sc_ptr, zp_ptr, sidx_ptr, sw_ptr, y_ptr, part_ptr, counter_ptr,
-    M, N, K, S, k_tiles, tiles_per_split, SPLIT_K,
+    M, N, K, S, k_tiles, steps_per_split, SPLIT_K,
     stride_xm, stride_xk,
     stride_qk,
     stride_sn, stride_sg,
@@ -221,12 +223,12 @@ def _rosaq_linear_kernel(
     stride_ym, stride_yn,
     stride_ps, stride_pm, stride_pn,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT: tl.constexpr,
-    SL: tl.constexpr, NSL: tl.constexpr,
+    SL: tl.constexpr, NSL: tl.constexpr, TPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT: tl.constexpr, COMPILED: tl.constexpr,
 ):  # fmt: skip
-    """One ``[BLOCK_M, BLOCK_N]`` tile of ``y`` over the K tiles of split ``program_id(1)``.
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``y`` over the K steps (``TPS`` K tiles each) of split ``program_id(1)``.
 
     Each K tile's packed words (tile-interleaved, ``[words, BLOCK_N]``) are loaded once and cut into
     slices ``[32, BLOCK_N]`` of 32 consecutive channels (``_codes_slice``); each slice meets a contiguous
@@ -258,8 +260,10 @@ def _rosaq_linear_kernel(
 
     # The layout of rosaq_kernels.tile_layout: SL channels per slice and SL words per tile, NSL slices.
     TILE: tl.constexpr = SL * NSL
-    # Slices that share one scale (one quantization group) inside a tile; 1 when groups and tiles do not nest.
-    SPG: tl.constexpr = (GROUP_SIZE // SL) if TILE % GROUP_SIZE == 0 else (NSL if GROUP_SIZE % TILE == 0 else 1)
+    # A step is TPS tiles (2 where that makes groups and steps nest: INT3's 320-channel tiles with g128). Slices
+    # that share one scale (one quantization group) inside a step; 1 when groups and steps do not nest.
+    STEP: tl.constexpr = TILE * TPS
+    SPG: tl.constexpr = (GROUP_SIZE // SL) if STEP % GROUP_SIZE == 0 else (NSL * TPS if GROUP_SIZE % STEP == 0 else 1)
     rows = tl.arange(0, SL)
 
     if BLOCK_M == 1:
@@ -271,21 +275,28 @@ def _rosaq_linear_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # ---- quantized part: K tiles [kt_start, kt_end) of this split ----
-    kt_start = pid_k * tiles_per_split
-    kt_end = min(kt_start + tiles_per_split, k_tiles)
-    for kt in range(kt_start, kt_end):
-        words = _load_tile_words(w_cols, kt, mask_n, stride_qk, SL)
-        for j in tl.static_range(NSL):
-            k0 = kt * TILE + j * SL  # first channel of the slice; the whole slice is in one group
-            k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no tile is padded, loads stay vectorized)
+    # ---- quantized part: K steps [ks_start, ks_end) of this split ----
+    ks_start = pid_k * steps_per_split
+    ks_end = min(ks_start + steps_per_split, (k_tiles + TPS - 1) // TPS)
+    for ks in range(ks_start, ks_end):
+        for j in tl.static_range(TPS * NSL):  # slice j of the step: slice j % NSL of tile kt
+            kt = ks * TPS + j // NSL
+            if j % NSL == 0:
+                if TPS == 1:
+                    words = _load_tile_words(w_cols, kt, mask_n, stride_qk, SL)
+                else:  # a tile past K (the second of a last step) re-reads the last tile; x is 0 there
+                    words = _load_tile_words(w_cols, tl.minimum(kt, k_tiles - 1), mask_n, stride_qk, SL)
+            k0 = kt * TILE + (j % NSL) * SL  # first channel of the slice; the whole slice is in one group
+            k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no step is padded, loads stay vectorized)
             if j % SPG == 0:
-                scale, zero = _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE)
+                scale, zero = _load_group_params(
+                    sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE
+                )
             if BLOCK_M == 1:
                 # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
                 # is one exact subtraction), times the scale once per group.
-                codes = _codes_slice(words, j, BITS)
-                xk = tl.load(x_row + (k0 + rows) * stride_xk, mask=k0 + rows < K, other=0.0)  # (pid_m < M always)
+                codes = _codes_slice(words, j % NSL, BITS)
+                xk = tl.load(x_row + (k0 + rows) * stride_xk, mask=k0 + rows < K, other=0.0)  # pid_m < M
                 if j % SPG == 0:
                     zf = (zero | 0x4B000000).to(tl.float32, bitcast=True)
                     part = tl.zeros((SL, BLOCK_N), dtype=tl.float32)
@@ -294,9 +305,10 @@ def _rosaq_linear_kernel(
                 if (j + 1) % SPG == 0:
                     acc2 += part * scale.to(tl.float32)[None, :]
             else:
-                # Tensor cores: x' · deq(W)ᵀ as [BLOCK_M, BLOCK_N] tiles, or (SWAP) deq(W) · x'ᵀ as [BLOCK_N,
-                # BLOCK_M] tiles, which lets the weights be the register operand of Hopper's wgmma.
-                w = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
+                # Tensor cores: x' · deq(W)ᵀ as [BLOCK_M, BLOCK_N] tiles, or (SWAP) deq(W) · x'ᵀ as
+                # [BLOCK_N, BLOCK_M] tiles, which lets the weights be the register operand of Hopper's wgmma.
+                magic = _magic_slice(words, j % NSL, BITS, ACT, COMPILED)
+                w = _code_minus_zero(magic, zero[None, :], ACT, COMPILED)
                 if not LATE_SCALE:  # scale the operand (rounded once to its dtype, as in Marlin)
                     w = w * scale[None, :].to(w.dtype)
                 elif j % SPG == 0:  # scale the group's exact partial product, once per group
@@ -443,7 +455,8 @@ def _dequantize_kernel(
 # autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
 # --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows; the
 # M <= 64 rows again with --sweep-ms 1,16,32,64 after the split-K reduction moved into the kernel; the INT3 rows up
-# to M = 128 again after its layout became 10 codes per word (benchmarks/ab_configs.py, BENCHMARKS.md).
+# to M = 128 again after its layout became 10 codes per word (benchmarks/ab_configs.py, BENCHMARKS.md), and the
+# M <= 16 rows once more with two-tile steps.
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
@@ -455,8 +468,8 @@ _CONFIGS = {
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
     3: (
-        (1, 16, 64, 4, 3, 4, 0, 0),
-        (16, 16, 64, 4, 3, 4, 0, 0),
+        (1, 16, 64, 4, 3, 4, 0, 1),
+        (16, 16, 64, 4, 3, 4, 0, 1),
         (32, 32, 64, 4, 3, 2, 0, 0),
         (64, 64, 64, 4, 3, 4, 1, 0),
         (128, 64, 64, 4, 3, 2, 1, 0),
@@ -487,22 +500,39 @@ def _device_sms(device: torch.device) -> int:
     return 132  # interpreter / CPU: pretend an H100, so CPU tests exercise split-K
 
 
-def _pick_config(M: int, N: int, K: int, bits: int, device: torch.device, config=None):
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, swap, late scale, k_tiles, tiles_per_split, split)``."""
+def tiles_per_step(bits: int, group_size: int, block_m: int) -> int:
+    """K tiles the kernel processes per loop step: 2 where groups do not nest in one tile but do in two.
+
+    INT3's 320-channel tile and the usual g128: one tile would reload the group parameters at every 32-channel
+    slice; two tiles (640 channels, 5 groups) keep them static, 4 slices per group. Only for ``block_m <= 16``:
+    with larger row tiles the doubled activation tile costs pipeline stages (measured slower, BENCHMARKS.md).
+    """
+    if block_m > 16:
+        return 1
+
+    def nests(span: int) -> bool:
+        return span % group_size == 0 or group_size % span == 0
+
+    return 2 if not nests(TILE[bits]) and nests(2 * TILE[bits]) else 1
+
+
+def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device, config=None):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, swap, late scale, k_tiles, steps_per_split, split)``."""
     if config is None:
         config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
     bm, bn, warps, stages, waves, swap, late = config
     k_tiles = triton.cdiv(K, TILE[bits])
+    k_steps = triton.cdiv(k_tiles, tiles_per_step(bits, group_size, bm))
     split = 1
     if waves > 0:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        split = max(1, min(k_tiles, waves * _device_sms(device) // tiles))
+        split = max(1, min(k_steps, waves * _device_sms(device) // tiles))
         # Partial sums (fp32, written and read back) must stay small next to the packed weight.
         weight_bytes = N * K * bits // 8
         split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
-    tiles_per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, tiles_per_split)  # no empty splits
-    return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, tiles_per_split, split
+    steps_per_split = triton.cdiv(k_steps, split)
+    split = triton.cdiv(k_steps, steps_per_split)  # no empty splits
+    return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, steps_per_split, split
 
 
 #: Per-device int32 counters of the split-K reduction, one per output tile, all 0 between launches. Replaced
@@ -609,7 +639,8 @@ def rosaq_fused_linear(
         sw_strides = (0, 0)
     else:
         sw_strides = (salient_weight.stride(0), salient_weight.stride(1))
-    bm, bn, warps, stages, swap, late, k_tiles, tps, split = _pick_config(M, N, K, bits, x.device, config)
+    bm, bn, warps, stages, swap, late, k_tiles, steps, split = _pick_config(M, N, K, bits, group_size, x.device, config)
+    tps = tiles_per_step(bits, group_size, bm)
     if bm == 0:  # large M: dequantize once, then the dense matmul (cuBLAS on the GPU)
         w_t = torch.empty((K, N), dtype=x.dtype, device=x.device)
         _dequantize_kernel[(k_tiles, triton.cdiv(N, bn))](
@@ -630,7 +661,7 @@ def rosaq_fused_linear(
         counters = _tile_counters(x.device, tiles)
     _rosaq_linear_kernel[(tiles, split)](
         x, qweight, scales, qzeros, salient_idx, salient_weight, out, partials, counters,
-        M, N, K, S, k_tiles, tps, split,
+        M, N, K, S, k_tiles, steps, split,
         x.stride(0), x.stride(1),
         qweight.stride(0),
         scales.stride(0), scales.stride(1),
@@ -639,9 +670,9 @@ def rosaq_fused_linear(
         out.stride(0), out.stride(1),
         *((0, 0, 0) if split == 1 else partials.stride()),
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
-        SL=SLICE, NSL=SLICES[bits],
+        SL=SLICE, NSL=SLICES[bits], TPS=tps,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
-        SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % TILE[bits] == 0, SPLIT=split > 1,
+        SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % (TILE[bits] * tps) == 0, SPLIT=split > 1,
         COMPILED=not _interpreting(),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

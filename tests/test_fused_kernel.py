@@ -253,7 +253,7 @@ def test_split_k_reduction_is_deterministic_and_resets_its_counters(bits, config
     gen = torch.Generator().manual_seed(70 + bits)
     M, K, N, S = 5, 1536, 96, 32
     args = _random_layer(gen, M, K, N, bits, S, 0, torch.float16)
-    split = _pick_config(M, N, K, bits, torch.device("cpu"), config)[-1]
+    split = _pick_config(M, N, K, bits, 128, torch.device("cpu"), config)[-1]
     assert split > 1  # the case must exercise the reduction
     ys = []
     for _ in range(2):
@@ -263,3 +263,13 @@ def test_split_k_reduction_is_deterministic_and_resets_its_counters(bits, config
         assert counters.abs().sum().item() == 0, "a split-K tile counter was not reset"
     _check(ys[0], _reference64(*args, bits, 128), torch.float16)
     assert torch.equal(ys[0], ys[1])
+
+
+def test_tiles_per_step():
+    """Two-tile steps exactly where one INT3 tile splits a group and two do not, and only for short row tiles."""
+    from rosaq_kernels.fused_linear import tiles_per_step
+
+    assert tiles_per_step(3, 128, 16) == 2  # 320-channel tiles, 640 = 5 groups of 128
+    assert tiles_per_step(3, 128, 64) == 1  # 64-row tiles: one tile per step
+    assert [tiles_per_step(3, g, 1) for g in (32, 64, 160, 256, 320, 640)] == [1, 1, 1, 1, 1, 1]
+    assert [tiles_per_step(4, g, 16) for g in (32, 128, 256, 512, 96)] == [1, 1, 1, 1, 1]
