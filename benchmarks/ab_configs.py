@@ -37,12 +37,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
     layers = {}
     for name, (K, N) in bk.MODELS["llama2-7b"].items():
-        S, B = bk.salient_count(K, 0.01), bk.ROT_BLOCK.get(name, 0)
-        base = bk.make_rosaq(K, N, bits, S, B, gen)
-        copies = bk.n_copies(bk.rosaq_bytes(1, K, N, bits, S, B))
-        layers[name] = [base] + [
-            {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()} for _ in range(copies - 1)
-        ]
+        layers[name] = bk.rosaq_copies(K, N, bits, bk.salient_count(K, 0.01), bk.ROT_BLOCK.get(name, 0), gen)
     for M in (int(m) for m in args.ms.split(",")):
         xs = {n: torch.randn(M, bk.MODELS["llama2-7b"][n][0], dtype=torch.float16, device="cuda", generator=gen)
               for n in layers}  # fmt: skip

@@ -111,6 +111,15 @@ def make_rosaq(K, N, bits, S, B, gen):
     return prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=GROUP)
 
 
+def rosaq_copies(K, N, bits, S, B, gen):
+    """A random ROSAQ layer and enough clones of it that cycling through them streams weights from HBM."""
+    base = make_rosaq(K, N, bits, S, B, gen)
+    copies = [base]
+    for _ in range(n_copies(rosaq_bytes(1, K, N, bits, S, B)) - 1):
+        copies.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()})
+    return copies
+
+
 def rosaq_bytes(M, K, N, bits, S, B):
     b = N * K * bits // 8 + N * (K // GROUP) * 3 + N * S * 2 + S * 4 + M * K * 2 + M * N * 2
     return b + ((K // B) * B * B * 2 if B else 0)
@@ -183,11 +192,7 @@ def bench(models, ms, vk, bw, out_lines):
             del w
             for bits, frac in rosaq_methods:
                 S = salient_count(K, frac)
-                base = make_rosaq(K, N, bits, S, B, gen)
-                copies = [base] + [
-                    {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
-                    for _ in range(n_copies(rosaq_bytes(1, K, N, bits, S, B)) - 1)
-                ]
+                copies = rosaq_copies(K, N, bits, S, B, gen)
                 fns[f"rosaq-w{bits}-s{round(frac * 100)}"] = [
                     lambda a, p=p, bits=bits: fused_linear(a, p, bits, GROUP) for p in copies
                 ]
@@ -314,12 +319,7 @@ def sweep(out_lines, table_path, sweep_ms=SWEEP_MS):
         for name, (K, N) in shapes.items():
             S = salient_count(K, 0.01)
             B = ROT_BLOCK.get(name, 0)
-            base = make_rosaq(K, N, bits, S, B, gen)
-            cp = [base] + [
-                {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
-                for _ in range(n_copies(rosaq_bytes(1, K, N, bits, S, B)) - 1)
-            ]
-            layers[name] = (K, N, cp)
+            layers[name] = (K, N, rosaq_copies(K, N, bits, S, B, gen))
         totals = {}  # M -> {cfg: µs per layer}
         for M in sweep_ms:
             xs = {

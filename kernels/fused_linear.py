@@ -517,12 +517,14 @@ def tiles_per_step(bits: int, group_size: int, block_m: int) -> int:
 
 
 def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device, config=None):
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, swap, late scale, k_tiles, steps_per_split, split)``."""
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, swap, late scale, k_tiles, tiles per step, steps per split,
+    split)``."""
     if config is None:
         config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
     bm, bn, warps, stages, waves, swap, late = config
     k_tiles = triton.cdiv(K, TILE[bits])
-    k_steps = triton.cdiv(k_tiles, tiles_per_step(bits, group_size, bm))
+    tps = tiles_per_step(bits, group_size, bm)
+    k_steps = triton.cdiv(k_tiles, tps)
     split = 1
     if waves > 0:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -532,7 +534,7 @@ def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: tor
         split = max(1, min(split, weight_bytes // (8 * 4 * M * N)))
     steps_per_split = triton.cdiv(k_steps, split)
     split = triton.cdiv(k_steps, steps_per_split)  # no empty splits
-    return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, steps_per_split, split
+    return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, tps, steps_per_split, split
 
 
 #: Per-device int32 counters of the split-K reduction, one per output tile, all 0 between launches. Replaced
@@ -639,8 +641,9 @@ def rosaq_fused_linear(
         sw_strides = (0, 0)
     else:
         sw_strides = (salient_weight.stride(0), salient_weight.stride(1))
-    bm, bn, warps, stages, swap, late, k_tiles, steps, split = _pick_config(M, N, K, bits, group_size, x.device, config)
-    tps = tiles_per_step(bits, group_size, bm)
+    bm, bn, warps, stages, swap, late, k_tiles, tps, steps, split = _pick_config(
+        M, N, K, bits, group_size, x.device, config
+    )
     if bm == 0:  # large M: dequantize once, then the dense matmul (cuBLAS on the GPU)
         w_t = torch.empty((K, N), dtype=x.dtype, device=x.device)
         _dequantize_kernel[(k_tiles, triton.cdiv(N, bn))](
