@@ -61,14 +61,15 @@ def eval_texts(tokenizer_dir: Path, names: list[str], max_tokens: int) -> dict[s
 
 
 def grid_points(
-    rotations: list[str], bits: list[int], group_size: int, salient: list[float], gptq: list[bool]
+    rotations: list[str], bits: list[int], group_size: int, salient: list[float], gptq: list[bool],
+    act_order: bool = False, sequential: bool = False,
 ) -> list[GridPoint]:
     points = []
     for rotation in rotations:
         for b in bits:
             for k in salient:
                 for g in gptq:
-                    points.append(GridPoint(rotation, b, group_size, k, g))
+                    points.append(GridPoint(rotation, b, group_size, k, g, g and act_order, sequential))
     return points
 
 
@@ -77,7 +78,7 @@ def stage_grid(args: argparse.Namespace) -> None:
     group_size = args.group_size or MODELS.get(args.model, (None, 128))[1]
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
-    points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq)
+    points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential)
     run_grid(
         directory,
         points,
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--salient", nargs="+", type=float, default=[0, 0.01, 0.03])
     parser.add_argument("--group-size", type=int, default=0, help="0: the model's default (SmolLM2 64, else 128)")
     parser.add_argument("--gptq", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
+    parser.add_argument("--sequential", action="store_true", help="rows calibrated on their own quantized layers")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
     parser.add_argument("--work", default="bench_runs/llmc")

@@ -9,6 +9,7 @@ float32 rounding. Average bits per weight are counted from those tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,17 +22,16 @@ import torch
 
 from offline_quantizer.calibration import token_batches
 from offline_quantizer.evaluate import model_from_tensors, token_nll
-from offline_quantizer.gptq import gptq_quantize_linear
 from offline_quantizer.pipeline import (
     QuantizeOptions,
     RotatedLinear,
     _hf_dtype,
     _is_dense,
     prepare_model,
+    quantize_model,
+    quantize_rotated_linear,
     rotate_layers,
 )
-from offline_quantizer.quantize import quantize_linear
-from offline_quantizer.saliency import select_salient
 from rosaq_vllm.checkpoint import QUANTIZED_LINEARS, RosaqQuantConfig, projection_prefix
 
 logger = logging.getLogger(__name__)
@@ -50,11 +50,19 @@ class GridPoint:
     group_size: int
     salient: float
     gptq: bool = False
+    act_order: bool = False  # GPTQ columns by decreasing second moment (QuantizeOptions.act_order)
+    sequential: bool = False  # calibrated on the quantized earlier layers (QuantizeOptions.sequential)
 
     @property
     def key(self) -> str:
         k = f"{self.salient:g}"
-        return f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
+        key = f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
+        return key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
+
+    def options(self, block_size: int) -> QuantizeOptions:
+        return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
+                               rotation=self.rotation, block_size=block_size, gptq=self.gptq,
+                               act_order=self.act_order, sequential=self.sequential)
 
 
 @dataclass
@@ -115,24 +123,38 @@ def rotate_for_grid(
 def quantize_rotated(rotated: RotatedModel, point: GridPoint, device: str = "cpu"
                      ) -> tuple[RosaqQuantConfig, dict[str, torch.Tensor]]:
     """The checkpoint tensors (and quantization config) of ``rotated`` quantized at ``point``."""
-    opts = QuantizeOptions(bits=point.bits, group_size=point.group_size, salient=point.salient,
-                           rotation=rotated.rotation, block_size=rotated.block_size, gptq=point.gptq)
-    cfg = opts.quant_config()
+    if point.sequential:
+        raise ValueError("sequential rows are calibrated per row: quantize_sequential")
+    opts = dataclasses.replace(point.options(rotated.block_size), damping=rotated.damping)
     tensors = dict(rotated.dense)
     for prefix, linear in rotated.linears.items():
-        salient_idx = select_salient(linear.energy, cfg.num_salient_for(linear.weight.shape[1]))
-        if point.gptq:
-            if linear.hessian is None:
-                raise ValueError("GPTQ rows need rotate_for_grid(full_moments=True)")
-            parts = gptq_quantize_linear(linear.weight.to(device), linear.hessian.to(device), salient_idx,
-                                         cfg.bits, cfg.group_size, rotated.damping)
-        else:
-            parts = quantize_linear(linear.weight, salient_idx, cfg.bits, cfg.group_size)
-        for suffix, tensor in parts.items():
-            tensors[f"{prefix}.{suffix}"] = tensor.cpu()
-        if linear.rot is not None:
-            tensors[f"{prefix}.rot"] = linear.rot.to(torch.float32)
-    return cfg, tensors
+        if point.gptq and linear.hessian is None:
+            raise ValueError("GPTQ rows need rotate_for_grid(full_moments=True)")
+        on_device = dataclasses.replace(linear, weight=linear.weight.to(device))
+        for suffix, tensor in quantize_rotated_linear(on_device, opts).items():
+            tensors[f"{prefix}.{suffix}"] = tensor
+    return opts.quant_config(), tensors
+
+
+@torch.no_grad()
+def quantize_sequential(model_dir: str | Path, calibration_text: str, point: GridPoint, num_samples: int,
+                        seq_len: int, batch_size: int = 8, block_size: int = 128, device: str = "cpu"
+                        ) -> tuple[dict, RosaqQuantConfig, dict[str, torch.Tensor]]:
+    """``(hf_config, quantization config, checkpoint tensors)`` of a sequential row: a full
+    :func:`pipeline.quantize_model` pass (calibration depends on the quantized layers, so nothing is shared)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    dtype = _hf_dtype(model.config)
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
+    batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
+    opts = point.options(block_size)
+    tensors = quantize_model(model, batches, opts, dtype)
+    hf_config = model.config.to_dict()
+    hf_config.pop("quantization_config", None)
+    hf_config["tie_word_embeddings"] = False
+    return hf_config, opts.quant_config(), tensors
 
 
 def checkpoint_bits(tensors: dict[str, torch.Tensor], bits: int) -> dict:
@@ -231,9 +253,22 @@ def run_grid(
                          **meta}
         save_results(results_path, results)
         del model
+    def record(point: GridPoint, hf_config: dict, cfg: RosaqQuantConfig, tensors: dict[str, torch.Tensor]) -> None:
+        model = model_from_tensors(hf_config, cfg, tensors, dense=True)
+        results[point.key] = {"method": "rosaq-grid", **point.__dict__, **checkpoint_bits(tensors, cfg.bits),
+                              "eval": _evaluate(model, texts, context, device, batch_size), **meta}
+        save_results(results_path, results)
+        logger.info("%s: %s", point.key, {t: round(r["ppl"], 3) for t, r in results[point.key]["eval"].items()})
+
     by_rotation: dict[str, list[GridPoint]] = {}
     for point in points:
-        if not _done(results, point.key, texts):
+        if _done(results, point.key, texts):
+            continue
+        if point.sequential:
+            logger.info("row %s (calibrated on its own quantized layers)", point.key)
+            record(point, *quantize_sequential(model_dir, calibration_text, point, num_samples, seq_len,
+                                               block_size=block_size, device=device))
+        else:
             by_rotation.setdefault(point.rotation, []).append(point)
     for rotation, todo in by_rotation.items():
         logger.info("calibrating %s for %d rows", rotation, len(todo))
@@ -241,12 +276,6 @@ def run_grid(
                                   block_size=block_size, full_moments=any(p.gptq for p in todo), device=device)
         for point in todo:
             logger.info("row %s", point.key)
-            cfg, tensors = quantize_rotated(rotated, point, device)
-            model = model_from_tensors(rotated.hf_config, cfg, tensors, dense=True)
-            results[point.key] = {"method": "rosaq-grid", **point.__dict__, **checkpoint_bits(tensors, cfg.bits),
-                                  "eval": _evaluate(model, texts, context, device, batch_size), **meta}
-            save_results(results_path, results)
-            logger.info("%s: %s", point.key, {t: round(r["ppl"], 3) for t, r in results[point.key]["eval"].items()})
-            del model, tensors
+            record(point, rotated.hf_config, *quantize_rotated(rotated, point, device))
         del rotated
     return results

@@ -51,11 +51,16 @@ def quantize_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished layers")
     parser.add_argument("--gptq", action="store_true",
                         help="error-compensating (GPTQ) rounding in each linear's final basis (records full moments)")
+    parser.add_argument("--act-order", action="store_true",
+                        help="with --gptq: round columns by decreasing second moment (group parameters fixed first)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="calibrate each layer on the outputs of the earlier layers once quantized")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
-                           outlier_ratio=args.outlier_ratio, gptq=args.gptq)
+                           outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.act_order,
+                           sequential=args.sequential)
     import torch
 
     on_cuda = torch.device(args.device).type == "cuda"
@@ -94,6 +99,9 @@ def eval_main(argv: list[str] | None = None) -> None:
     grid.add_argument("--group-size", type=int, default=128)
     grid.add_argument("--salient", nargs="+", type=_salient, default=[0, 0.005, 0.01, 0.03])
     grid.add_argument("--gptq", choices=("off", "on", "both"), default="off")
+    grid.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
+    grid.add_argument("--sequential", action="store_true",
+                      help="every row calibrated on its own quantized layers (one calibration pass per row)")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)
@@ -135,8 +143,8 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     ids = AutoTokenizer.from_pretrained(args.model)(_text(args.text), return_tensors="pt").input_ids[0]
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
-    points = [GridPoint(r, b, args.group_size, k, g) for r in args.rotation for b in args.bits for k in args.salient
-              for g in gptq]
+    points = [GridPoint(r, b, args.group_size, k, g, g and args.act_order, args.sequential)
+              for r in args.rotation for b in args.bits for k in args.salient for g in gptq]
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)
     for key, row in results.items():

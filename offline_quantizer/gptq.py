@@ -2,10 +2,13 @@
 
 GPTQ (Frantar et al., 2022) rounds the input columns one at a time and spreads each column's rounding
 error over the columns not yet rounded, weighted by the inverse second moment ``H = E[x xᵀ]`` of the
-input, which minimises ``‖X ΔWᵀ‖``. Here the non-salient columns are rounded in natural order (so every
-group's scale and zero point come from already-updated weights, as in GPTQ without act-order) and the
-salient columns go last: they are never rounded, so they absorb the accumulated compensation exactly
-(as OWQ does with its fp16 "weak columns"). The grid is that of :func:`quantize.quantize_groups`
+input, which minimises ``‖X ΔWᵀ‖``. Here the non-salient columns are rounded either in natural order
+(every group's scale and zero point come from already-updated weights, as in GPTQ without act-order) or,
+with ``act_order``, by decreasing ``H_kk`` with every group's scale and zero point fixed beforehand from
+the original weights (GPTQ's "static" activation order, llm-compressor's default: the columns that matter
+most are rounded first, while the most error can still be compensated). The salient columns go last:
+they are never rounded, so they absorb the accumulated compensation exactly (as OWQ does with its fp16
+"weak columns"). The grid is that of :func:`quantize.quantize_groups`
 (asymmetric min/max per group, range including 0, fp16 scales, uint8 zeros), so the output is an ordinary
 ROSAQ linear. In a basis where ``H`` is diagonal (``per-layer``: each site's own PCA basis) the updates
 vanish and GPTQ equals round-to-nearest.
@@ -28,7 +31,7 @@ def _group_params(values: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def gptq_quantize_linear(
     weight: torch.Tensor, hessian: torch.Tensor, salient_idx: torch.Tensor, bits: int, group_size: int,
-    damping: float = 0.01, block: int = 128,
+    damping: float = 0.01, block: int = 128, act_order: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Checkpoint tensors of one linear (as :func:`quantize.quantize_linear`) with GPTQ rounding.
 
@@ -37,6 +40,8 @@ def gptq_quantize_linear(
         hessian: float ``[K, K]`` second moment of the input in the same basis.
         salient_idx: int ``[S]`` ascending channels kept in float16 (they receive the compensation).
         damping: added to the diagonal of ``hessian`` as a fraction of its mean.
+        act_order: round the non-salient columns by decreasing ``hessian`` diagonal, with group parameters
+            from the original weights (see the module docstring).
     """
     n_rows, k = weight.shape
     if k % group_size:
@@ -51,17 +56,24 @@ def gptq_quantize_linear(
     sal = salient_idx.to(device).long()
     is_salient = torch.zeros(k, dtype=torch.bool, device=device)
     is_salient[sal] = True
-    order = torch.cat([torch.nonzero(~is_salient).flatten(), sal])
+    quantized = torch.nonzero(~is_salient).flatten()
+    n_groups = k // group_size
+    scales = torch.ones(n_rows, n_groups, dtype=torch.float64, device=device)
+    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float64, device=device)
+    have_params = torch.zeros(n_groups, dtype=torch.bool)
+    if act_order:
+        quantized = quantized[torch.argsort(torch.diagonal(h)[quantized], descending=True, stable=True)]
+        rest = w.masked_fill(is_salient, 0.0).view(n_rows, n_groups, group_size)
+        for g in range(n_groups):  # min/max over the group's non-salient weights (salient ones read as 0)
+            scales[:, g], zeros[:, g] = _group_params(rest[:, g], qmax)
+        have_params[:] = True
+    order = torch.cat([quantized, sal])
     n_quant = k - sal.numel()
     w = w[:, order]
     h = h[order][:, order]
     h += damping * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype, device=device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    n_groups = k // group_size
-    scales = torch.ones(n_rows, n_groups, dtype=torch.float64, device=device)
-    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float64, device=device)
-    have_params = torch.zeros(n_groups, dtype=torch.bool)
     codes = torch.zeros(n_rows, k, dtype=torch.float64, device=device)  # in permuted order
     cols = order.tolist()
     for i1 in range(0, n_quant, block):

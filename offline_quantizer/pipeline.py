@@ -1,4 +1,4 @@
-"""The ROSAQ pipeline: fold norms, calibrate, rotate, choose salient channels, quantize, write.
+"""The ROSAQ pipeline: fold norms (absorbed), calibrate, rotate, choose salient channels, quantize, write.
 
 Per decoder layer there are four rotation sites (the inputs of q/k/v, o_proj, gate/up, down_proj).
 ``absorbed`` (default) rotates the residual stream by one shared PCA basis absorbed into the embedding,
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from offline_quantizer.adapters import ATTN_IN, MLP_IN, DecoderAdapter
 from offline_quantizer.calibration import LayerInputs, capture_first_layer_inputs, run_layer, token_batches
+from offline_quantizer.evaluate import effective_weight
 from offline_quantizer.fold import fold_final_norm, fold_layer_norms, fold_norms, untie_lm_head
 from offline_quantizer.gptq import gptq_quantize_linear
 from offline_quantizer.quantize import quantize_linear
@@ -69,6 +70,16 @@ class QuantizeOptions:
     damping: float = 0.01
     outlier_ratio: float = 20.0  # absorbed: residual channels this far above the median peak are not rotated
     gptq: bool = False  # error-compensating (GPTQ) rounding in each linear's final basis; needs full moments
+    act_order: bool = False  # GPTQ: round columns by decreasing second moment (group parameters fixed first)
+    sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*
+
+    @property
+    def folds_norms(self) -> bool:
+        """Whether RMSNorm scales are folded into the linears: only the shared residual basis needs it (a
+        weightless norm commutes with rotations of the residual stream). Folding costs accuracy elsewhere: the
+        scales make the columns of one quantization group unequal (SmolLM2 W3 g64 RTN: perplexity 87 unfolded,
+        321 folded, docs/accuracy.md)."""
+        return self.rotation == "absorbed"
 
     def quant_config(self) -> RosaqQuantConfig:
         """The checkpoint's ``quantization_config`` (validates the options)."""
@@ -105,22 +116,24 @@ class StreamingAdapter(DecoderAdapter):
     """A model whose decoder layers stay on the CPU in the model's own dtype and are computed on ``device``.
 
     Every visit of a layer (:meth:`iter_layers`) works on a fresh float32 copy on ``device``, with its norms
-    folded and, once :attr:`basis` is set, the residual basis applied. The copy replaces the layer in the model
-    while it is visited and is freed afterwards, so the device holds one layer (plus the calibration activations)
-    at a time. Folding and rotating a float32 copy gives exactly the layer that the in-place path computes for a
-    model loaded in float32. The embedding, final norm and lm_head are converted to float32 on the CPU.
+    folded (``fold``) and, once :attr:`basis` is set, the residual basis applied. The copy replaces the layer in
+    the model while it is visited and is freed afterwards, so the device holds one layer (plus the calibration
+    activations) at a time. Folding and rotating a float32 copy gives exactly the layer that the in-place path
+    computes for a model loaded in float32. The embedding, final norm and lm_head are converted to float32 on the CPU.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str) -> None:
+    def __init__(self, model: nn.Module, device: torch.device | str, fold: bool = True) -> None:
         super().__init__(model)
         self.device = torch.device(device)
+        self.fold = fold
         self.basis: torch.Tensor | None = None
 
     def iter_layers(self) -> Iterator[nn.Module]:
         for index in range(len(self.layers)):
             original = self.layers[index]
             layer = copy.deepcopy(original).to(self.device, torch.float32)
-            fold_layer_norms(self, layer)
+            if self.fold:
+                fold_layer_norms(self, layer)
             if self.basis is not None:
                 rotate_layer_residual(self, layer, self.basis)
             self.layers[index] = layer
@@ -296,7 +309,12 @@ def rotate_layer(
     return result
 
 
+#: ``on_layer(index, projections)``: receives a layer's projections in their final basis (the layer being visited
+#: is ``adapter.layers[index]``); with ``opts.sequential`` it must make that layer compute its quantized function
+#: (:func:`load_quantized_layer`).
 LayerCallback = Callable[[int, dict[str, RotatedLinear]], None]
+#: ``restore(index, layer)``: the same for a layer finished by an interrupted run (resume).
+RestoreCallback = Callable[[int, nn.Module], None]
 
 
 @torch.no_grad()
@@ -304,7 +322,7 @@ def prepare_model(
     model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, basis: torch.Tensor | None = None,
     stream_device: torch.device | str | None = None,
 ) -> tuple[DecoderAdapter, LayerInputs, torch.Tensor | None]:
-    """Fold the norms, record the first layer's inputs and (absorbed mode) rotate the residual stream.
+    """Fold the norms (absorbed mode), record the first layer's inputs and (absorbed) rotate the residual stream.
 
     ``basis``: a residual basis computed earlier (resume); computed here when ``None``.
     ``stream_device``: ``None`` works on ``model`` in place (it must be float32 or float64, on one device);
@@ -315,14 +333,18 @@ def prepare_model(
     opts.quant_config()  # validate before any work
     if stream_device is None:
         adapter = DecoderAdapter(model)
-        fold_norms(adapter)
+        if opts.folds_norms:
+            fold_norms(adapter)
+        else:
+            untie_lm_head(adapter)
         inputs = capture_first_layer_inputs(adapter, batches)
     else:
-        adapter = StreamingAdapter(model, stream_device)
+        adapter = StreamingAdapter(model, stream_device, fold=opts.folds_norms)
         untie_lm_head(adapter)
         for module in (adapter.embedding, adapter.final_norm, adapter.lm_head):
             module.to(torch.float32)
-        fold_final_norm(adapter)
+        if opts.folds_norms:
+            fold_final_norm(adapter)
         for module in model.model.children():  # the rotary embedding (float32 buffers)
             if module not in (adapter.layers, adapter.embedding, adapter.final_norm):
                 module.to(adapter.device)
@@ -341,17 +363,26 @@ def prepare_model(
 @torch.no_grad()
 def rotate_layers(
     adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeOptions, on_layer: LayerCallback,
-    start_layer: int = 0,
+    start_layer: int = 0, restore: RestoreCallback | None = None,
 ) -> None:
     """Calibrate and rotate the decoder layers from ``start_layer`` on, one at a time.
 
     ``on_layer(index, projections)`` receives each layer's projections in their final basis right after
     that layer is done (only one layer's calibration activations are alive at any time). Layers before
-    ``start_layer`` are only run forward, to produce the inputs of the next ones.
+    ``start_layer`` are only run forward, to produce the inputs of the next ones (``opts.sequential``: after
+    ``restore`` made them compute their quantized function).
+
+    ``opts.sequential``: the next layer's inputs are this layer's outputs once quantized (``on_layer`` loads the
+    quantized layer), as in GPTQ's and llm-compressor's sequential calibration: each layer is fit to the inputs
+    it will see, the errors of the layers before it included. Otherwise they are the full-precision outputs.
     """
     layers = tqdm(adapter.iter_layers(), desc=f"ROSAQ {opts.rotation}", unit="layer", total=len(adapter.layers))
     for index, layer in enumerate(layers):
         if index < start_layer:
+            if opts.sequential:
+                if restore is None:
+                    raise ValueError("resuming a sequential run needs the finished layers' tensors (restore)")
+                restore(index, layer)
             inputs = run_layer(layer, inputs)
             continue
         blocks = {}
@@ -361,6 +392,8 @@ def rotate_layers(
                                                              opts.block_size)
         moments, outputs = _record_moments(adapter, layer, inputs, blocks)
         on_layer(index, rotate_layer(adapter, layer, moments, opts))
+        if opts.sequential:  # on_layer made the layer compute its quantized function
+            outputs = run_layer(layer, inputs)
         inputs = outputs
 
 
@@ -374,6 +407,42 @@ def _is_dense(name: str) -> bool:
     """Tensors stored as-is: everything but projection weights (quantized) and rotary buffers."""
     is_projection_weight = name.endswith(".weight") and name.rsplit(".", 2)[-2] in QUANTIZED_LINEARS
     return not is_projection_weight and "rotary_emb" not in name
+
+
+def quantize_rotated_linear(rotated: RotatedLinear, opts: QuantizeOptions) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors (CPU) of one projection in its final basis: salient channels, codes, online rotation."""
+    cfg = opts.quant_config()
+    salient_idx = select_salient(rotated.energy, cfg.num_salient_for(rotated.weight.shape[1]))
+    if opts.gptq:
+        if rotated.hessian is None:
+            raise ValueError("gptq needs the full second moment of every site (record with gptq=True)")
+        parts = gptq_quantize_linear(rotated.weight, rotated.hessian.to(rotated.weight.device), salient_idx, cfg.bits,
+                                     cfg.group_size, opts.damping, act_order=opts.act_order)
+    else:
+        parts = quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size)
+    parts = {suffix: tensor.cpu() for suffix, tensor in parts.items()}
+    if rotated.rot is not None:
+        parts["rot"] = rotated.rot.to(torch.float32).cpu()
+    return parts
+
+
+@torch.no_grad()
+def load_quantized_layer(adapter: DecoderAdapter, layer: nn.Module, index: int, layer_tensors: dict[str, torch.Tensor],
+                         cfg: RosaqQuantConfig) -> None:
+    """Make decoder layer ``index`` compute what its checkpoint tensors compute (sequential calibration).
+
+    Projection weights become their dense effective weights (:func:`evaluate.effective_weight`, the online
+    rotation included); the other tensors of the layer (biases, folded norms) take their stored values.
+    """
+    prefix = f"model.layers.{index}."
+    state = layer.state_dict()
+    stored = {k[len(prefix):]: v for k, v in layer_tensors.items() if k[len(prefix):] in state}
+    layer.load_state_dict(stored, strict=False)
+    for name in QUANTIZED_LINEARS:
+        linear_prefix = projection_prefix(index, name) + "."
+        parts = {k[len(linear_prefix):]: v for k, v in layer_tensors.items() if k.startswith(linear_prefix)}
+        weight = adapter.projection(layer, name).weight
+        weight.copy_(effective_weight(parts, cfg.bits, cfg.group_size).to(weight.device, weight.dtype))
 
 
 def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: QuantizeOptions, dtype: torch.dtype,
@@ -392,33 +461,29 @@ def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: Quantize
     if work and basis is not None:
         work.save_basis(basis.cpu())
 
-    def store(index: int, projections: dict[str, RotatedLinear]) -> None:
+    def store(index: int, projections: dict[str, RotatedLinear]) -> dict[str, torch.Tensor] | None:
         layer_tensors = {}
         for name, rotated in projections.items():
             prefix = projection_prefix(index, name)
-            num_salient = cfg.num_salient_for(rotated.weight.shape[1])
-            salient_idx = select_salient(rotated.energy, num_salient)
-            if opts.gptq:
-                parts = gptq_quantize_linear(rotated.weight, rotated.hessian, salient_idx, cfg.bits, cfg.group_size,
-                                             opts.damping)
-            else:
-                parts = quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size)
-            for suffix, tensor in parts.items():
-                layer_tensors[f"{prefix}.{suffix}"] = tensor.cpu()
-            if rotated.rot is not None:
-                layer_tensors[f"{prefix}.rot"] = rotated.rot.to(torch.float32).cpu()
+            for suffix, tensor in quantize_rotated_linear(rotated, opts).items():
+                layer_tensors[f"{prefix}.{suffix}"] = tensor
         for name, tensor in adapter.layers[index].state_dict().items():
             if _is_dense(name):
                 layer_tensors[f"model.layers.{index}.{name}"] = tensor.detach().to(dtype).cpu()
         if work:
             work.save_layer(index, layer_tensors)
         tensors.update(layer_tensors)
+        if opts.sequential:
+            load_quantized_layer(adapter, adapter.layers[index], index, layer_tensors, cfg)
+
+    def restore(index: int, layer: nn.Module) -> None:
+        load_quantized_layer(adapter, layer, index, work.load_layer(index), cfg)
 
     if start_layer:
         logger.info("resuming: layers 0..%d are done", start_layer - 1)
     for index in range(start_layer):
         tensors.update(work.load_layer(index))
-    rotate_layers(adapter, inputs, opts, store, start_layer)
+    rotate_layers(adapter, inputs, opts, store, start_layer, restore)
     for name, tensor in model.state_dict().items():
         if not name.startswith("model.layers.") and _is_dense(name):
             tensors[name] = tensor.detach().to(dtype).cpu().contiguous()

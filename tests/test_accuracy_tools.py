@@ -1,5 +1,6 @@
 """The accuracy-sweep tools compute what ``rosaq-quantize`` writes, and GPTQ rounding is sound."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,14 @@ import torch
 from rosaq_kernels.reference import dequantize
 from transformers import AutoTokenizer
 
-from offline_quantizer.accuracy import GridPoint, checkpoint_bits, quantize_rotated, rotate_for_grid, run_grid
+from offline_quantizer.accuracy import (
+    GridPoint,
+    checkpoint_bits,
+    quantize_rotated,
+    quantize_sequential,
+    rotate_for_grid,
+    run_grid,
+)
 from offline_quantizer.evaluate import load_reference_model, model_from_tensors, perplexity
 from offline_quantizer.gptq import gptq_quantize_linear
 from offline_quantizer.pipeline import QuantizeOptions, quantize_checkpoint
@@ -72,6 +80,51 @@ def test_gptq_lowers_output_error_and_equals_rtn_for_diagonal_moments() -> None:
     rtn = quantize_linear(w, salient, 4, g)
     for key, tensor in rtn.items():
         assert torch.equal(diagonal[key], tensor), key
+
+
+def test_gptq_act_order_rounds_by_second_moment_with_fixed_group_parameters() -> None:
+    """Act order: group parameters are those of RTN on the original weights; the output error stays below RTN's;
+    with diagonal moments nothing is compensated, so the codes are RTN's too."""
+    torch.manual_seed(1)
+    n, k, g = 40, 192, 32
+    x = torch.randn(4096, k, dtype=torch.float64) * torch.linspace(0.1, 3.0, k, dtype=torch.float64)[torch.randperm(k)]
+    x = x @ (torch.eye(k, dtype=torch.float64) + 0.2 * torch.randn(k, k, dtype=torch.float64))
+    w = torch.randn(n, k, dtype=torch.float64)
+    h = x.t() @ x / x.shape[0]
+    salient = torch.topk(torch.diagonal(h), 8).indices.sort().values.to(torch.int32)
+    rtn = quantize_linear(w, salient, 3, g)
+    ordered = gptq_quantize_linear(w, h, salient, 3, g, act_order=True)
+    natural = gptq_quantize_linear(w, h, salient, 3, g)
+    assert torch.equal(ordered["scales"], rtn["scales"]) and torch.equal(ordered["qzeros"], rtn["qzeros"])
+    assert not torch.equal(ordered["qweight"], natural["qweight"])
+    errors = {name: (x @ (_effective(parts, 3, g) - w).t()).pow(2).mean().item()
+              for name, parts in {"rtn": rtn, "ordered": ordered, "natural": natural}.items()}
+    assert errors["ordered"] < 0.7 * errors["rtn"], errors
+    diagonal = gptq_quantize_linear(w, torch.diag(torch.diagonal(h)), salient, 3, g, act_order=True)
+    for key, tensor in rtn.items():
+        assert torch.equal(diagonal[key], tensor), key
+
+
+def test_sequential_grid_row_equals_the_quantizer_checkpoint(tiny_model_dir, tmp_path: Path) -> None:
+    """A sequential row is what ``rosaq-quantize --sequential`` writes, and differs from the non-sequential one
+    (the later layers are calibrated on quantized inputs)."""
+    model = tiny_model_dir("qwen2")
+    point = GridPoint("absorbed", 3, 32, 16, gptq=True, act_order=True, sequential=True)
+    opts = point.options(block_size=64)
+    ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
+    _, _, tensors = quantize_sequential(model, calibration_corpus(), point, block_size=64, **CALIB)
+    written = load_tensors(ckpt)
+    assert set(tensors) == set(written)
+    for name, tensor in written.items():
+        assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
+    plain = quantize_checkpoint(model, tmp_path / "plain", calibration_corpus(),
+                                dataclasses.replace(opts, sequential=False), batch_size=8, **CALIB)
+    plain_tensors = load_tensors(plain)
+    last = max(int(name.split(".")[2]) for name in written if name.startswith("model.layers."))
+    first_q = "model.layers.0.self_attn.q_proj.qweight"
+    last_q = f"model.layers.{last}.self_attn.q_proj.qweight"
+    assert torch.equal(plain_tensors[first_q], written[first_q])  # layer 0 sees the same (unquantized) inputs
+    assert not torch.equal(plain_tensors[last_q], written[last_q])
 
 
 def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:

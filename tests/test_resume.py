@@ -45,6 +45,31 @@ def test_interrupt_then_resume_is_byte_identical(tiny_model_dir, tmp_path: Path,
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
 
+def test_sequential_resume_is_byte_identical(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
+    """Sequential calibration: the resumed run rebuilds the finished layers' quantized function from the work
+    directory (v_proj's rotated bias included: qwen2), so the later layers see the same inputs."""
+    model = tiny_model_dir("qwen2")
+    opts = QuantizeOptions(group_size=32, salient=16, block_size=64, gptq=True, act_order=True, sequential=True)
+
+    def run(out: Path, **kwargs) -> Path:
+        return quantize_checkpoint(model, out, calibration_corpus(), opts, num_samples=8, seq_len=64, batch_size=4,
+                                   **kwargs)
+
+    reference = run(tmp_path / "reference")
+    save_layer = WorkDir.save_layer
+
+    def save_then_interrupt(self: WorkDir, index: int, tensors) -> None:
+        save_layer(self, index, tensors)
+        raise KeyboardInterrupt  # after layer 0: the resumed run computes layer 1 on restored layer 0
+
+    monkeypatch.setattr(WorkDir, "save_layer", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(WorkDir, "save_layer", save_layer)
+    run(tmp_path / "resumed", resume=True)
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
 def test_resume_refuses_a_work_dir_of_another_run(tiny_model_dir, tmp_path: Path, monkeypatch) -> None:
     def interrupt(self: WorkDir, index: int, tensors) -> None:
         raise KeyboardInterrupt

@@ -101,6 +101,19 @@ def test_streaming_leaves_the_model_layers_untouched(fp16_llama) -> None:
     assert torch.all(tensors["model.layers.0.input_layernorm.weight"] == 1)
 
 
+@pytest.mark.parametrize("rotation", ["none", "per-layer"])
+def test_norms_are_folded_only_for_the_residual_basis(fp16_llama, rotation) -> None:
+    """Without the shared residual basis nothing needs weightless norms: the norms and the projection weights
+    stay as they are (folding would make the columns of a quantization group unequal)."""
+    model = AutoModelForCausalLM.from_pretrained(fp16_llama, dtype="auto").eval()
+    gamma = model.model.layers[0].input_layernorm.weight.detach().clone()
+    batches = token_batches(AutoTokenizer.from_pretrained(fp16_llama), calibration_corpus(), 4, 64, 4)
+    tensors = quantize_model(model, batches, QuantizeOptions(group_size=32, salient=0, rotation=rotation),
+                             torch.float16, stream_device="cpu")
+    assert not torch.all(gamma == 1)
+    assert torch.equal(tensors["model.layers.0.input_layernorm.weight"], gamma)
+
+
 def test_cli_reports_elapsed_time(tiny_model_dir, tmp_path: Path, capsys) -> None:
     calib = tmp_path / "calib.txt"
     calib.write_text(calibration_corpus())
