@@ -38,7 +38,9 @@ def quantize_main(argv: list[str] | None = None) -> None:
                         help="salient channels per linear: a fraction of its inputs (< 1) or a count "
                              "(default 0.03, from docs/accuracy.md)")
     parser.add_argument("--rotation", choices=("absorbed", "per-layer", "none"), default="absorbed")
-    parser.add_argument("--block-size", type=int, default=128, help="online rotation block of down_proj (absorbed)")
+    parser.add_argument("--block-size", type=int, default=128,
+                        help="online rotation block (absorbed: down_proj; per-layer: every projection); 0: one block "
+                        "over the whole input")
     parser.add_argument("--outlier-ratio", type=float, default=20.0,
                         help="channels whose peak exceeds this many times the median peak keep their own axis and are "
                         "always salient (massive activations); 0 disables")

@@ -3,8 +3,9 @@
 Per decoder layer there are four rotation sites (the inputs of q/k/v, o_proj, gate/up, down_proj).
 ``absorbed`` (default) rotates the residual stream by one shared PCA basis absorbed into the embedding,
 every layer and ``lm_head``, absorbs a per-KV-head basis into v_proj / o_proj, and gives down_proj an
-online block-diagonal PCA rotation. ``per-layer`` gives every site its own full PCA basis, applied
-online. ``none`` keeps the original basis (saliency in the original feature space).
+online block-diagonal PCA rotation. ``per-layer`` gives every site its own block-diagonal PCA basis
+(blocks of ``block_size`` channels; 0: one block over the whole input), applied online after the RMSNorm, so
+no norm is folded. ``none`` keeps the original basis (saliency in the original feature space).
 """
 
 import copy
@@ -90,7 +91,7 @@ class QuantizeOptions:
             num_salient=None if is_fraction else int(self.salient),
             salient_fraction=float(self.salient) if is_fraction else None,
             rotation=self.rotation,
-            rotation_block_size=0 if self.rotation == "per-layer" else self.block_size,
+            rotation_block_size=self.block_size,
             online_rotation=ONLINE_ROTATION.get(self.rotation, ()),
         )
 
@@ -147,7 +148,7 @@ class StreamingAdapter(DecoderAdapter):
 def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: int) -> int:
     """Block size of the second moment recorded at a site (1: diagonal only, dim: full)."""
     if rotation == "per-layer":
-        return dim
+        return block_size or dim
     if rotation == "absorbed" and site == "attn_out":
         return head_dim
     if rotation == "absorbed" and site == "mlp_out":
@@ -272,9 +273,10 @@ def rotate_layer(
         final_basis = None  # dense rotation of this site's input (None: identity), for the GPTQ Hessian
         if opts.rotation == "per-layer":
             basis = pca_basis(moment, opts.damping, keep_axis)
+            final_basis = block_diag(basis)
             for name in projections:
-                rotate_input(adapter.projection(layer, name), basis[0])
-            rot, energy, final_basis = basis, rotated_energy(moment, basis), basis[0]
+                rotate_input(adapter.projection(layer, name), final_basis)
+            rot, energy = basis, rotated_energy(moment, basis)
         elif opts.rotation == "absorbed" and site == "attn_out":
             shape = adapter.shape
             group = shape.num_heads // shape.num_kv_heads
