@@ -1,6 +1,6 @@
 """Time the ROSAQ kernel per Llama-2-7B layer (sum of the four linears, S = 1 %) for given launch configs.
 
-    python benchmarks/ab_configs.py --bits 3 [--ms 1,16,32,64,128,256] [--candidates]
+    python benchmarks/ab_configs.py --bits 3 [--ms 1,16,32,64,128,256] [--candidates] [--extra 'CFG;CFG']
 
 Prints, per M, the M-bucket table's config and (``--candidates``) the fastest of a short list of
 alternatives, with the per-linear µs (qkv / o / gate_up / down). For A/B runs between two trees, run it
@@ -32,7 +32,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--ms", default="1,16,32,64,128,256")
     ap.add_argument("--candidates", action="store_true", help="also time the CANDIDATES of each M")
+    ap.add_argument("--extra", default="", help="more configs for every M: 'bm,bn,warps,stages,waves,swap,late;...'")
     args = ap.parse_args()
+    extra = [tuple(int(v) for v in c.split(",")) for c in args.extra.split(";") if c]
     bits = args.bits
     gen = torch.Generator(device="cuda").manual_seed(1)
     layers = {}
@@ -43,7 +45,7 @@ def main() -> None:
               for n in layers}  # fmt: skip
         table = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
         results = []
-        for cfg in [table] + (CANDIDATES.get(M, []) if args.candidates else []):
+        for cfg in [table] + (CANDIDATES.get(M, []) if args.candidates else []) + extra:
             try:
                 per = [
                     bk.time_graph(
@@ -57,8 +59,8 @@ def main() -> None:
                 continue
             results.append((sum(per), cfg, per))
         results.sort()
-        best = ", ".join(f"{t:.1f} {c} [{'/'.join(f'{x:.1f}' for x in p)}]" for t, c, p in results[:3])
-        print(f"W{bits} M={M}: table {table} | fastest: {best}", flush=True)
+        best = ", ".join(f"{t:.1f} {c} [{'/'.join(f'{x:.1f}' for x in p)}]" for t, c, p in results)
+        print(f"W{bits} M={M}: table {table} | by time: {best}", flush=True)
 
 
 if __name__ == "__main__":
