@@ -155,8 +155,12 @@ def _dummy_dir(out: Path, qcfg: dict | None) -> Path:
     return target
 
 
-def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, salient: float) -> dict:
-    """ROSAQ checkpoint of ``out/model`` via the CLI (subprocess); records wall time and peak device memory."""
+def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, salient: float,
+             extra_args: tuple[str, ...] = ()) -> dict:
+    """ROSAQ checkpoint of ``out/model`` via the CLI (subprocess); records wall time and peak device memory.
+
+    ``extra_args``: more ``rosaq-quantize`` flags (e.g. ``--gptq --act-order --sequential``).
+    """
     from tests.tiny_models import calibration_corpus
 
     calib = out / "calibration.txt"
@@ -186,6 +190,7 @@ def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, 
         "--device",
         device,
         "--overwrite",
+        *extra_args,
     ]
     print("+", shlex.join(cmd), flush=True)
     start = time.perf_counter()
@@ -204,6 +209,7 @@ def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, 
         "num_samples": num_samples,
         "seq_len": seq_len,
         "salient": salient,
+        "extra_args": list(extra_args),
         "cli": report,
     }
     (out / "results").mkdir(exist_ok=True)
@@ -538,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--num-samples", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--salient", type=float, default=0.01)
+    q.add_argument("--quantizer-args", default="", help="more rosaq-quantize flags, e.g. '--gptq --act-order'")
     o = sub.add_parser("offline", parents=[common, engine])
     o.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     o.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -558,7 +565,9 @@ def main(argv: list[str] | None = None) -> None:
         build_model(args.out / "model", args.shape, args.num_layers, args.hidden)
     elif args.step == "quantize":
         for bits in args.bits:
-            print(json.dumps(quantize(args.out, bits, args.device, args.num_samples, args.seq_len, args.salient)))
+            result = quantize(args.out, bits, args.device, args.num_samples, args.seq_len, args.salient,
+                              tuple(shlex.split(args.quantizer_args)))
+            print(json.dumps(result))
     elif args.step == "offline":
         offline(args)
     elif args.step == "online":

@@ -88,6 +88,7 @@ def stage_grid(args: argparse.Namespace) -> None:
         args.num_samples,
         args.seq_len,
         args.context,
+        block_size=args.block_size,
         device=args.device,
         batch_size=args.batch_size,
     )
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--salient", nargs="+", type=float, default=[0, 0.01, 0.03])
     parser.add_argument("--group-size", type=int, default=0, help="0: the model's default (SmolLM2 64, else 128)")
     parser.add_argument("--gptq", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--block-size", type=int, default=128, help="online rotation block (0: whole input)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
     parser.add_argument("--sequential", action="store_true", help="rows calibrated on their own quantized layers")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
