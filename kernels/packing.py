@@ -10,6 +10,10 @@ Layouts (one row of ``in_features`` codes, ``0 <= code < 2**bits``):
 
 Every chunk is self-contained, so slicing the input dimension at a multiple of 32 channels
 (tensor-parallel sharding) slices the packed words at the matching word.
+
+Zero points (one per output and group, ``[N, G]``) are packed the same way along the *outputs*
+(:func:`pack_zeros`: ``[G, packed_width(N)]``), as AWQ packs them: ``bits`` per zero point, and ``N`` is a
+multiple of the chunk in every model, where the group count often is not.
 """
 
 import torch
@@ -72,3 +76,13 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts1 = torch.arange(32, dtype=torch.int64, device=w.device)
     high = (words[..., 2:3] >> shifts1) & 1
     return (low | (high << 2)).reshape(n_rows, -1).to(torch.int32)
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack zero points ``[N, G]`` (values in ``[0, 2**bits)``) along the outputs: int32 ``[G, packed_width(N)]``."""
+    return pack(zeros.t().contiguous(), bits)
+
+
+def unpack_zeros(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zeros`: uint8 zero points ``[N, G]``."""
+    return unpack(packed, bits).t().to(torch.uint8).contiguous()

@@ -160,8 +160,8 @@ def quantize_sequential(model_dir: str | Path, calibration_text: str, point: Gri
 def checkpoint_bits(tensors: dict[str, torch.Tensor], bits: int) -> dict:
     """Average stored bits per weight of the quantized projections, counted from the tensors.
 
-    ``bits``: codes (full width), fp16 scales, uint8 zero points, fp16 salient columns and their int32
-    indices; ``bits_with_rot`` adds the float32 online rotations. ``salient``: the salient counts per
+    ``bits``: codes (full width), fp16 scales, zero points (packed at the code width), fp16 salient columns
+    and their int32 indices; ``bits_with_rot`` adds the float32 online rotations. ``salient``: the salient counts per
     input width (``{K: [S, ...]}``, distinct values).
     """
     weights = stored = rot = 0

@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import torch
+from rosaq_kernels.packing import unpack_zeros
 from rosaq_kernels.reference import dequantize, rosaq_linear_reference
 from torch import nn
 from tqdm.auto import tqdm
@@ -20,6 +21,7 @@ class RosaqReferenceLinear(nn.Module):
         super().__init__()
         for name in _LINEAR_SUFFIXES:
             self.register_buffer(name, tensors.get(name), persistent=False)
+        self.qzeros = unpack_zeros(self.qzeros, bits)  # the reference takes them unpacked, [N, K // g]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.bits = bits
         self.group_size = group_size
@@ -39,7 +41,8 @@ def effective_weight(parts: dict[str, torch.Tensor], bits: int, group_size: int)
 
     ``y = (x·R)·(deq + salient)ᵀ = x·((deq + salient)·Rᵀ)ᵀ`` with ``R = blockdiag(rot)``.
     """
-    weight = dequantize(parts["qweight"], parts["scales"], parts["qzeros"], bits, group_size).to(torch.float64)
+    zeros = unpack_zeros(parts["qzeros"], bits)
+    weight = dequantize(parts["qweight"], parts["scales"], zeros, bits, group_size).to(torch.float64)
     idx = parts["salient_idx"].long()
     weight[:, idx] += parts["salient_weight"].to(torch.float64)
     rot = parts.get("rot")

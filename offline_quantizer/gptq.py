@@ -9,13 +9,13 @@ the original weights (GPTQ's "static" activation order, llm-compressor's default
 most are rounded first, while the most error can still be compensated). The salient columns go last:
 they are never rounded, so they absorb the accumulated compensation exactly (as OWQ does with its fp16
 "weak columns"). The grid is that of :func:`quantize.quantize_groups`
-(asymmetric min/max per group, range including 0, fp16 scales, uint8 zeros), so the output is an ordinary
+(asymmetric min/max per group, range including 0, fp16 scales, packed zero points), so the output is an ordinary
 ROSAQ linear. In a basis where ``H`` is diagonal (``per-layer``: each site's own PCA basis) the updates
 vanish and GPTQ equals round-to-nearest.
 """
 
 import torch
-from rosaq_kernels.packing import pack
+from rosaq_kernels.packing import pack, pack_zeros
 
 
 def _group_params(values: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +107,7 @@ def gptq_quantize_linear(
     return {
         "qweight": pack(codes.to(torch.int32).cpu(), bits),
         "scales": scales.to(torch.float16).cpu(),
-        "qzeros": zeros.to(torch.uint8).cpu(),
+        "qzeros": pack_zeros(zeros.to(torch.int32).cpu(), bits),
         "salient_idx": salient_idx.to(torch.int32).cpu().contiguous(),
         "salient_weight": final[:, sal].to(torch.float16).cpu().contiguous(),
     }

@@ -1,7 +1,7 @@
 """Group-wise asymmetric round-to-nearest quantization of a linear with salient channels."""
 
 import torch
-from rosaq_kernels.packing import pack
+from rosaq_kernels.packing import pack, pack_zeros
 
 
 def quantize_groups(
@@ -52,7 +52,7 @@ def quantize_linear(
     return {
         "qweight": pack(codes, bits),
         "scales": scales,
-        "qzeros": zeros,
+        "qzeros": pack_zeros(zeros, bits),
         "salient_idx": salient_idx.to(torch.int32).contiguous(),
         "salient_weight": weight[:, idx].to(torch.float16).contiguous(),
     }

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rosaq_kernels.packing import packed_width
+from rosaq_kernels.packing import CHUNK_CHANNELS, packed_width
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 QUANT_METHOD = "rosaq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: zero points packed at the code width along the outputs (1: uint8 [N, K/g])
 ROTATION_MODES = ("absorbed", "per-layer", "none")
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Projections that read the same input: they must share rotation and salient channels.
@@ -203,7 +203,9 @@ def linear_tensor_specs(
     """Tensors of one quantized projection, keyed by suffix (``<prefix>.<suffix>`` in the checkpoint).
 
     * ``qweight`` int32 ``[N, packed_width(K, bits)]``: codes, packed along the input (``rosaq_kernels.packing``).
-    * ``scales`` float16 ``[N, K // group_size]``, ``qzeros`` uint8 ``[N, K // group_size]``.
+    * ``scales`` float16 ``[N, K // group_size]``.
+    * ``qzeros`` int32 ``[K // group_size, packed_width(N, bits)]``: zero points packed along the outputs
+      (``rosaq_kernels.packing.pack_zeros``), so ``N`` must be a multiple of 8 (INT4) or 32 (INT3).
     * ``salient_idx`` int32 ``[S]``: ascending input channels kept in full precision (their codes equal
       the zero point, so the quantized part contributes 0 there).
     * ``salient_weight`` float16 ``[N, S]``.
@@ -213,11 +215,14 @@ def linear_tensor_specs(
         raise _fail(f"{projection}", f"{in_features} input channels are not divisible by group_size "
                     f"{cfg.group_size}", "Quantize with a group size that divides every linear's input.")
     groups = in_features // cfg.group_size
+    if out_features % CHUNK_CHANNELS[cfg.bits]:
+        raise _fail(f"{projection}", f"{out_features} outputs are not a multiple of {CHUNK_CHANNELS[cfg.bits]}, "
+                    f"which INT{cfg.bits} zero-point packing needs", "Use 4 bits, or a model with such widths.")
     num_salient = cfg.num_salient_for(in_features)
     specs = {
         "qweight": TensorSpec((out_features, packed_width(in_features, cfg.bits)), torch.int32),
         "scales": TensorSpec((out_features, groups), torch.float16),
-        "qzeros": TensorSpec((out_features, groups), torch.uint8),
+        "qzeros": TensorSpec((groups, packed_width(out_features, cfg.bits)), torch.int32),
         "salient_idx": TensorSpec((num_salient,), torch.int32),
         "salient_weight": TensorSpec((out_features, num_salient), torch.float16),
     }
@@ -466,7 +471,7 @@ def validate_checkpoint(model_dir: str | Path, check_values: bool | None = None)
     Every missing, extra, mis-shaped, wrongly-typed or truncated tensor raises :class:`CheckpointError`
     naming the tensor and the fix. With ``check_values`` (default: environment ``ROSAQ_CHECK_VALUES=1``)
     every tensor is also streamed once (safetensors ``safe_open``, one tensor in memory at a time) and
-    NaN / infinite floats and out-of-range zero points or salient indices are errors.
+    NaN / infinite floats and invalid salient indices are errors (packed zero points always fit).
 
     A directory with only pickle files (``*.bin``, ``*.pt``) is refused unless ``ROSAQ_ALLOW_PICKLE=1``;
     then nothing can be checked before loading (ROSAQ never unpickles), a warning says so, and the
@@ -511,18 +516,15 @@ def validate_checkpoint(model_dir: str | Path, check_values: bool | None = None)
     _check_index(model_dir, found)
     if check_values if check_values is not None else os.environ.get("ROSAQ_CHECK_VALUES", "") == "1":
         for path in safetensors_files(model_dir):
-            _check_values(path, cfg)
+            _check_values(path)
     return cfg
 
 
-def _check_values(path: Path, cfg: RosaqQuantConfig) -> None:
+def _check_values(path: Path) -> None:
     with safe_open(path, framework="pt") as f:
         for name in f.keys():
             tensor = f.get_tensor(name)
             check_tensor_values(f"{name} in {path.name}", tensor)
-            if name.endswith(".qzeros") and tensor.numel() and int(tensor.max()) >= 2**cfg.bits:
-                raise _fail(f"{name} in {path.name}", f"zero point {int(tensor.max())} does not fit {cfg.bits} "
-                            "bits", "The checkpoint is corrupt; re-quantize it.")
             if name.endswith(".salient_idx") and tensor.numel() and (
                     int(tensor.min()) < 0 or bool((tensor.diff() <= 0).any())):
                 raise _fail(f"{name} in {path.name}", "indices are not strictly ascending and non-negative",

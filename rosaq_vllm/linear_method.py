@@ -5,6 +5,9 @@ Tensor parallelism: column-parallel layers (qkv, gate_up) see the whole input, s
 (o_proj, down_proj) see a slice of the input: ``qweight``/``scales``/``qzeros`` and the blocks of ``rot``
 are sliced along the input, and after loading each rank keeps the salient channels that fall into its
 slice (their partial products are summed by the all-reduce like the rest).
+
+The checkpoint's zero points are packed along the outputs (``[K/g, N·bits/32]``); the loader unpacks each
+projection's tensor to uint8 ``[N, K/g]`` before vLLM slices it, so they shard exactly like ``scales``.
 """
 
 from collections.abc import Callable
@@ -12,7 +15,7 @@ from typing import Any
 
 import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
 import torch
-from rosaq_kernels.packing import packed_width
+from rosaq_kernels.packing import packed_width, unpack_zeros
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
@@ -52,9 +55,12 @@ class RosaqLinearMethod(LinearMethodBase):
 
         def load(param: BasevLLMParameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
             where = name if shard_id is None else f"{name} (shard {shard_id})"
-            if loaded.dtype != param.dtype:
-                raise self._error(where, f"dtype {loaded.dtype}, expected {param.dtype}")
+            stored_dtype = torch.int32 if name == "qzeros" else param.dtype
+            if loaded.dtype != stored_dtype:
+                raise self._error(where, f"dtype {loaded.dtype}, expected {stored_dtype}")
             check_tensor_values(f"{self.prefix}.{where}", loaded)  # the data is in memory here anyway
+            if name == "qzeros":  # [K/g, packed N] -> uint8 [N, K/g], sliced below like the scales
+                loaded = unpack_zeros(loaded, self.quant_config.bits)
             is_copy = name in _REPLICATED and layer.rosaq_loaded[name]
             if is_copy and not torch.equal(param.data, loaded.to(param.device)):
                 raise self._error(where, f"differs between {self.projections}, which share one input")
@@ -131,9 +137,6 @@ class RosaqLinearMethod(LinearMethodBase):
         idx = layer.salient_idx.data.long()
         if idx.numel() and (idx.min() < 0 or idx.max() >= layer.rosaq_input_size or (idx.diff() <= 0).any()):
             raise self._error("salient_idx", f"indices must be ascending and in [0, {layer.rosaq_input_size})")
-        if layer.qzeros.numel() and int(layer.qzeros.data.max()) >= 2**self.quant_config.bits:
-            raise self._error("qzeros", f"zero point {int(layer.qzeros.data.max())} does not fit "
-                              f"{self.quant_config.bits} bits")
         in_local = layer.scales.shape[1] * self.quant_config.group_size
         local = (idx >= layer.rosaq_input_offset) & (idx < layer.rosaq_input_offset + in_local)
         salient_idx = (idx[local] - layer.rosaq_input_offset).to(torch.int32)

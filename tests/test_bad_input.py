@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rosaq_kernels.packing import pack_zeros, unpack_zeros
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -94,10 +95,11 @@ def test_non_string_keys_are_unknown_keys() -> None:
         RosaqQuantConfig.from_dict(config)
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, 10**30])
+@pytest.mark.parametrize("version", [0, 1, 3, -1, 10**30])
 def test_unknown_format_version_says_upgrade_or_requantize(version: int) -> None:
+    """Version 1 (uint8 zero points, before 2026-11-24) is refused too: re-quantize."""
     with pytest.raises(CheckpointError, match=rf"format_version: version {version} is not supported \(this "
-                       r"rosaq-vllm reads 1\)\. Upgrade rosaq-vllm or re-quantize"):
+                       r"rosaq-vllm reads 2\)\. Upgrade rosaq-vllm or re-quantize"):
         RosaqQuantConfig.from_dict(_base_config(format_version=version))
 
 
@@ -202,7 +204,8 @@ def _rewrite(ckpt: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("name,convert,match", [
-    (f"{Q}.qzeros", lambda t: t.int(), "dtype I32, expected U8"),
+    (f"{Q}.qzeros", lambda t: t.to(torch.uint8), "dtype U8, expected I32"),
+    (f"{Q}.qzeros", lambda t: t.t().contiguous(), r"shape \(16, 4\), expected \(4, 16\)"),
     (f"{Q}.scales", lambda t: t.bfloat16(), "dtype BF16, expected F16"),
     (f"{Q}.salient_idx", lambda t: t.long(), "dtype I64, expected I32"),
     (f"{Q}.salient_weight", lambda t: t.t().contiguous(), r"shape \(16, 128\), expected \(128, 16\)"),
@@ -369,7 +372,6 @@ def test_nan_or_inf_values_are_found_when_values_are_checked(ckpt: Path, monkeyp
 
 
 @pytest.mark.parametrize("name,value,match", [
-    (f"{Q}.qzeros", 16, "zero point 16 does not fit 4 bits"),
     (f"{Q}.salient_idx", -5, "indices are not strictly ascending and non-negative"),
     (f"{Q}.salient_idx", 0, "indices are not strictly ascending"),
 ])
@@ -406,7 +408,7 @@ def rosaq_layer(monkeypatch):
     layer = torch.nn.Module()
     method.create_weights(layer, 256, [128], 256, 128, torch.float32, weight_loader=default_weight_loader)
     valid = {"qweight": torch.zeros(128, 32, dtype=torch.int32), "scales": torch.ones(128, 8, dtype=torch.float16),
-             "qzeros": torch.full((128, 8), 8, dtype=torch.uint8),
+             "qzeros": pack_zeros(torch.randint(0, 16, (128, 8), dtype=torch.uint8), 4),
              "salient_idx": torch.arange(0, 256, 16, dtype=torch.int32),
              "salient_weight": torch.ones(128, 16, dtype=torch.float16), "rot": torch.eye(64).expand(4, 64, 64)}
     return method, layer, valid
@@ -422,14 +424,17 @@ def test_plugin_loader_refuses_nan_in_float_tensors(rosaq_layer, name: str) -> N
         param.weight_loader(param, tensor)
 
 
-def test_plugin_refuses_out_of_range_zero_points_after_loading(rosaq_layer) -> None:
+def test_plugin_unpacks_the_zero_points(rosaq_layer) -> None:
+    """The loader takes the packed int32 zero points (and refuses unpacked uint8 ones) and keeps them unpacked."""
     method, layer, valid = rosaq_layer
-    valid["qzeros"][5, 1] = 16
+    with pytest.raises(CheckpointError, match=f"{DOWN}.qzeros: dtype torch.uint8, expected torch.int32"):
+        layer.qzeros.weight_loader(layer.qzeros, unpack_zeros(valid["qzeros"], 4))
     for name, tensor in valid.items():
         param = getattr(layer, name)
         param.weight_loader(param, tensor)
-    with pytest.raises(CheckpointError, match=f"{DOWN}.qzeros: zero point 16 does not fit 4 bits"):
-        method.process_weights_after_loading(layer)
+    method.process_weights_after_loading(layer)
+    assert layer.qzeros.dtype == torch.uint8
+    assert torch.equal(layer.qzeros.data, unpack_zeros(valid["qzeros"], 4))
 
 
 def test_plugin_loads_valid_tensors(rosaq_layer) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from rosaq_kernels.packing import pack, packed_width, unpack
+from rosaq_kernels.packing import pack, pack_zeros, packed_width, unpack, unpack_zeros
 from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
 
 from offline_quantizer.quantize import quantize_groups, quantize_linear
@@ -16,6 +16,16 @@ def test_pack_unpack_round_trip(bits: int) -> None:
     assert packed.dtype == torch.int32
     assert packed.shape == (7, packed_width(256, bits)) == (7, 256 * bits // 32)
     assert torch.equal(unpack(packed, bits), codes.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits,groups", [(3, 9), (4, 7), (4, 1)])
+def test_zero_points_pack_along_the_outputs_at_the_code_width(bits: int, groups: int) -> None:
+    """Any group count (SmolLM2: 9 groups of 64): the packing runs along the 96 outputs, ``bits`` per zero point."""
+    zeros = torch.randint(0, 2**bits, (96, groups), generator=torch.Generator().manual_seed(groups), dtype=torch.uint8)
+    packed = pack_zeros(zeros, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (groups, 96 * bits // 32)
+    assert torch.equal(unpack_zeros(packed, bits), zeros)
+    assert torch.equal(unpack(packed, bits).t(), zeros.to(torch.int32))  # qweight's packing, along N
 
 
 def test_int3_chunks_are_self_contained() -> None:
@@ -55,7 +65,7 @@ def test_salient_columns_are_exact_and_quantized_part_is_zero_there(num_salient:
     assert idx.numel() == num_salient and bool((idx.diff() > 0).all())
     assert set(idx.tolist()) == set(torch.topk(energy, num_salient).indices.tolist())
     tensors = quantize_linear(weight, idx, 4, 32)
-    deq = dequantize(tensors["qweight"], tensors["scales"], tensors["qzeros"], 4, 32)
+    deq = dequantize(tensors["qweight"], tensors["scales"], unpack_zeros(tensors["qzeros"], 4), 4, 32)
     assert torch.equal(deq[:, idx.long()], torch.zeros(32, num_salient))
     torch.testing.assert_close(tensors["salient_weight"].to(torch.float64), weight[:, idx.long()],
                                rtol=1e-3, atol=1e-4)
@@ -68,15 +78,16 @@ def test_all_channels_salient_is_rejected() -> None:
 
 def test_reference_linear_matches_float64_math() -> None:
     torch.manual_seed(0)
-    n, k, s = 24, 128, 16
+    n, k, s = 32, 128, 16
     weight = torch.randn(n, k, dtype=torch.float64)
     idx = select_salient(torch.rand(k), s)
     tensors = quantize_linear(weight, idx, 3, 32)
     rot = torch.linalg.qr(torch.randn(2, 64, 64, dtype=torch.float64)).Q
     x = torch.randn(5, k, dtype=torch.float64)
-    y = rosaq_linear_reference(x.float(), tensors["qweight"], tensors["scales"], tensors["qzeros"],
+    y = rosaq_linear_reference(x.float(), tensors["qweight"], tensors["scales"], unpack_zeros(tensors["qzeros"], 3),
                                tensors["salient_idx"], tensors["salient_weight"], rot.float(), 3, 32)
-    w_eff = dequantize(tensors["qweight"], tensors["scales"], tensors["qzeros"], 3, 32).to(torch.float64)
+    w_eff = dequantize(tensors["qweight"], tensors["scales"], unpack_zeros(tensors["qzeros"], 3), 3, 32).to(
+        torch.float64)
     w_eff[:, idx.long()] = tensors["salient_weight"].to(torch.float64)
     x_rot = torch.cat([x[:, :64] @ rot[0], x[:, 64:] @ rot[1]], dim=1)
     torch.testing.assert_close(y.to(torch.float64), x_rot @ w_eff.t(), rtol=1e-4, atol=1e-4)
