@@ -19,7 +19,8 @@ def rows(results: dict) -> list[tuple]:
             method, config = (key, "") if key == "fp16" else key.split("|")
             k, rounding = "-", "-"
         else:
-            rotation, config, k, rounding = key.split("|")
+            rotation, config, k, rounding, *flags = key.split("|")  # flags: "ao" (act order), "seq" (sequential)
+            rounding = "+".join([rounding, *flags])
             method = LABELS[rotation]
             k = ",".join(f"{s}/{width}" for width, counts in row["salient"].items() for s in counts)
         out.append(
