@@ -77,6 +77,22 @@ class RotatedModel:
     damping: float = 0.01
 
 
+def _load_for_calibration(
+    model_dir: str | Path, calibration_text: str, num_samples: int, seq_len: int, batch_size: int, device: str,
+) -> tuple[torch.nn.Module, list[torch.Tensor], torch.dtype, dict]:
+    """``(float32 model on device, calibration batches, the model's stored dtype, its config for the checkpoint)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
+    batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
+    hf_config = model.config.to_dict()
+    hf_config.pop("quantization_config", None)
+    hf_config["tie_word_embeddings"] = False
+    return model, batches, _hf_dtype(model.config), hf_config
+
+
 @torch.no_grad()
 def rotate_for_grid(
     model_dir: str | Path, calibration_text: str, rotation: str, num_samples: int, seq_len: int,
@@ -86,18 +102,10 @@ def rotate_for_grid(
 
     ``full_moments`` records the full second moment of every site (needed for GPTQ rounding).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    dtype = _hf_dtype(model.config)
-    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
-    batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
+    model, batches, dtype, hf_config = _load_for_calibration(model_dir, calibration_text, num_samples, seq_len,
+                                                              batch_size, device)
     opts = QuantizeOptions(rotation=rotation, block_size=block_size, gptq=full_moments)
     adapter, inputs, _ = prepare_model(model, batches, opts)
-    hf_config = model.config.to_dict()
-    hf_config.pop("quantization_config", None)
-    hf_config["tie_word_embeddings"] = False
     result = RotatedModel(hf_config, {}, rotation=rotation, block_size=block_size, damping=opts.damping)
 
     def keep(index: int, projections: dict[str, RotatedLinear]) -> None:
@@ -128,8 +136,6 @@ def quantize_rotated(rotated: RotatedModel, point: GridPoint, device: str = "cpu
     opts = dataclasses.replace(point.options(rotated.block_size), damping=rotated.damping)
     tensors = dict(rotated.dense)
     for prefix, linear in rotated.linears.items():
-        if point.gptq and linear.hessian is None:
-            raise ValueError("GPTQ rows need rotate_for_grid(full_moments=True)")
         on_device = dataclasses.replace(linear, weight=linear.weight.to(device))
         for suffix, tensor in quantize_rotated_linear(on_device, opts).items():
             tensors[f"{prefix}.{suffix}"] = tensor
@@ -142,19 +148,10 @@ def quantize_sequential(model_dir: str | Path, calibration_text: str, point: Gri
                         ) -> tuple[dict, RosaqQuantConfig, dict[str, torch.Tensor]]:
     """``(hf_config, quantization config, checkpoint tensors)`` of a sequential row: a full
     :func:`pipeline.quantize_model` pass (calibration depends on the quantized layers, so nothing is shared)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    dtype = _hf_dtype(model.config)
-    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
-    batches = token_batches(tokenizer, calibration_text, num_samples, seq_len, batch_size)
+    model, batches, dtype, hf_config = _load_for_calibration(model_dir, calibration_text, num_samples, seq_len,
+                                                              batch_size, device)
     opts = point.options(block_size)
-    tensors = quantize_model(model, batches, opts, dtype)
-    hf_config = model.config.to_dict()
-    hf_config.pop("quantization_config", None)
-    hf_config["tie_word_embeddings"] = False
-    return hf_config, opts.quant_config(), tensors
+    return hf_config, opts.quant_config(), quantize_model(model, batches, opts, dtype)
 
 
 def checkpoint_bits(tensors: dict[str, torch.Tensor], bits: int) -> dict:

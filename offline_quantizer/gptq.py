@@ -63,9 +63,8 @@ def gptq_quantize_linear(
     have_params = torch.zeros(n_groups, dtype=torch.bool)
     if act_order:
         quantized = quantized[torch.argsort(torch.diagonal(h)[quantized], descending=True, stable=True)]
-        rest = w.masked_fill(is_salient, 0.0).view(n_rows, n_groups, group_size)
-        for g in range(n_groups):  # min/max over the group's non-salient weights (salient ones read as 0)
-            scales[:, g], zeros[:, g] = _group_params(rest[:, g], qmax)
+        # min/max over each group's non-salient weights (salient ones read as 0)
+        scales, zeros = _group_params(w.masked_fill(is_salient, 0.0).view(n_rows, n_groups, group_size), qmax)
         have_params[:] = True
     order = torch.cat([quantized, sal])
     n_quant = k - sal.numel()

@@ -463,7 +463,7 @@ def quantize_model(model: nn.Module, batches: list[torch.Tensor], opts: Quantize
     if work and basis is not None:
         work.save_basis(basis.cpu())
 
-    def store(index: int, projections: dict[str, RotatedLinear]) -> dict[str, torch.Tensor] | None:
+    def store(index: int, projections: dict[str, RotatedLinear]) -> None:
         layer_tensors = {}
         for name, rotated in projections.items():
             prefix = projection_prefix(index, name)
