@@ -455,14 +455,15 @@ def _dequantize_kernel(
 # autotuning (which would time kernels during CUDA-graph capture). Rows from benchmarks/bench_kernels.py
 # --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows; the
 # M <= 64 rows again with --sweep-ms 1,16,32,64 after the split-K reduction moved into the kernel; the INT3 rows up
-# to M = 128 again after its layout became 10 codes per word (benchmarks/ab_configs.py, BENCHMARKS.md), and the
-# M <= 16 rows once more with two-tile steps.
+# to M = 128 again after its layout became 10 codes per word (benchmarks/ab_configs.py, BENCHMARKS.md), the
+# M <= 16 rows once more with two-tile steps, and the M <= 128 rows after the zero points became int16 in memory
+# (KERNEL_ZERO_DTYPE: cheaper non-swapped tiles).
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
-        (16, 16, 64, 4, 3, 8, 0, 1),
-        (32, 32, 64, 4, 3, 4, 1, 1),
-        (64, 64, 64, 4, 3, 4, 1, 0),
+        (16, 16, 64, 4, 3, 4, 0, 1),
+        (32, 32, 64, 4, 3, 4, 0, 0),
+        (64, 32, 64, 4, 3, 4, 0, 0),
         (128, 64, 64, 4, 3, 2, 1, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
@@ -471,8 +472,8 @@ _CONFIGS = {
         (1, 16, 64, 4, 3, 4, 0, 1),
         (16, 16, 64, 4, 3, 4, 0, 1),
         (32, 32, 64, 4, 3, 2, 0, 0),
-        (64, 64, 64, 4, 3, 4, 1, 0),
-        (128, 64, 64, 4, 3, 2, 1, 0),
+        (64, 32, 64, 4, 3, 4, 0, 0),
+        (128, 32, 64, 4, 3, 4, 0, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
@@ -627,6 +628,7 @@ def rosaq_fused_linear(
         if qweight.shape[1] * 32 != K * bits:
             raise ValueError(f"qweight {tuple(qweight.shape)} does not hold K={K} INT{bits} codes")
         qweight = to_kernel_layout(qweight, bits, K)
+        qzeros = qzeros.to(KERNEL_ZERO_DTYPE)
     elif qweight.shape[0] != triton.cdiv(K, TILE[bits]) * SLICE or qweight.stride(1) != 1:
         raise ValueError(f"qweight {tuple(qweight.shape)} is not the kernel layout of K={K} INT{bits} codes")
     N = qweight.shape[1]
@@ -682,6 +684,13 @@ def rosaq_fused_linear(
     return out
 
 
+#: In-memory dtype of the zero points. Not uint8: Triton sizes the tensor-core operand layout of the dequantized
+#: weights by the narrowest type feeding it (``kWidth`` 4 for an 8-bit zero point, 2 otherwise), and with
+#: ``kWidth`` 4 the activation fragments need ~100 register moves per K tile (sm_90 SASS of the M <= 16 loop:
+#: 528 instructions and 128 registers with uint8 zero points, 423 and 96 with int16; BENCHMARKS.md).
+KERNEL_ZERO_DTYPE = torch.int16
+
+
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     """The same logical 2-D tensor, stored transposed (stride 1 along dim 0)."""
     return t.t().contiguous().t()
@@ -702,9 +711,10 @@ def prepare_weights(
 
     Returns a dict of the tensors of a ROSAQ linear: ``qweight`` in the tile-interleaved layout
     (:func:`rosaq_kernels.tile_layout.to_kernel_layout`, int32 ``[ceil(K / TILE) · 32, N]``),
-    ``scales`` (fp16), ``qzeros`` and ``salient_weight`` (fp16) stored column-major (``[K/g, N]`` and
-    ``[S, N]`` in memory: contiguous along the outputs of a tile), ``salient_idx`` int32, ``rot`` in
-    ``rot_dtype``. Use with :func:`fused_linear`, or ``torch.ops.rosaq.linear`` with ``kernel_layout=True``.
+    ``scales`` (fp16), ``qzeros`` (int16, :data:`KERNEL_ZERO_DTYPE`) and ``salient_weight`` (fp16) stored
+    column-major (``[K/g, N]`` and ``[S, N]`` in memory: contiguous along the outputs of a tile), ``salient_idx``
+    int32, ``rot`` in ``rot_dtype``. Use with :func:`fused_linear`, or ``torch.ops.rosaq.linear`` with
+    ``kernel_layout=True``.
     """
     in_features = scales.shape[1] * group_size
     if qweight.is_cuda:  # the split-K counters exist before any CUDA-graph capture
@@ -712,7 +722,7 @@ def prepare_weights(
     return {
         "qweight": to_kernel_layout(qweight, bits, in_features),
         "scales": _column_major(scales.to(torch.float16)),
-        "qzeros": _column_major(qzeros),
+        "qzeros": _column_major(qzeros.to(KERNEL_ZERO_DTYPE)),
         "salient_idx": salient_idx.to(torch.int32).contiguous(),
         "salient_weight": _column_major(salient_weight.to(torch.float16)),
         "rot": None if rot is None else rot.to(rot_dtype).contiguous(),
