@@ -62,14 +62,15 @@ def eval_texts(tokenizer_dir: Path, names: list[str], max_tokens: int) -> dict[s
 
 def grid_points(
     rotations: list[str], bits: list[int], group_size: int, salient: list[float], gptq: list[bool],
-    act_order: bool = False, sequential: bool = False,
+    act_order: bool = False, sequential: bool = False, complement: str = "pca",
 ) -> list[GridPoint]:
     points = []
     for rotation in rotations:
         for b in bits:
             for k in salient:
                 for g in gptq:
-                    points.append(GridPoint(rotation, b, group_size, k, g, g and act_order, sequential))
+                    points.append(GridPoint(rotation, b, group_size, k, g, g and act_order, sequential,
+                                            complement if rotation != "none" else "pca"))
     return points
 
 
@@ -78,7 +79,8 @@ def stage_grid(args: argparse.Namespace) -> None:
     group_size = args.group_size or MODELS.get(args.model, (None, 128))[1]
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
-    points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential)
+    points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential,
+                         args.complement)
     run_grid(
         directory,
         points,
@@ -167,6 +169,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128, help="online rotation block (0: whole input)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
     parser.add_argument("--sequential", action="store_true", help="rows calibrated on their own quantized layers")
+    parser.add_argument("--complement", choices=("pca", "random"), default="pca",
+                        help="basis of the quantized channels of the rotated rows (rosaq-quantize --complement)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
     parser.add_argument("--work", default="bench_runs/llmc")

@@ -52,17 +52,25 @@ class GridPoint:
     gptq: bool = False
     act_order: bool = False  # GPTQ columns by decreasing second moment (QuantizeOptions.act_order)
     sequential: bool = False  # calibrated on the quantized earlier layers (QuantizeOptions.sequential)
+    complement: str = "pca"  # basis of the quantized channels (QuantizeOptions.complement)
 
     @property
     def key(self) -> str:
         k = f"{self.salient:g}"
         key = f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
-        return key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
+        return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
+                + ("|mix" if self.complement == "random" else ""))
+
+    @property
+    def own_calibration(self) -> bool:
+        """Whether the row needs its own calibration pass: sequential rows calibrate on their own quantized
+        layers, and a mixed complement depends on K (its rotations cannot be shared with other rows)."""
+        return self.sequential or self.complement != "pca"
 
     def options(self, block_size: int) -> QuantizeOptions:
         return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
                                rotation=self.rotation, block_size=block_size, gptq=self.gptq,
-                               act_order=self.act_order, sequential=self.sequential)
+                               act_order=self.act_order, sequential=self.sequential, complement=self.complement)
 
 
 @dataclass
@@ -131,8 +139,8 @@ def rotate_for_grid(
 def quantize_rotated(rotated: RotatedModel, point: GridPoint, device: str = "cpu"
                      ) -> tuple[RosaqQuantConfig, dict[str, torch.Tensor]]:
     """The checkpoint tensors (and quantization config) of ``rotated`` quantized at ``point``."""
-    if point.sequential:
-        raise ValueError("sequential rows are calibrated per row: quantize_sequential")
+    if point.own_calibration:
+        raise ValueError(f"row {point.key} needs its own calibration: quantize_full")
     opts = dataclasses.replace(point.options(rotated.block_size), damping=rotated.damping)
     tensors = dict(rotated.dense)
     for prefix, linear in rotated.linears.items():
@@ -143,11 +151,11 @@ def quantize_rotated(rotated: RotatedModel, point: GridPoint, device: str = "cpu
 
 
 @torch.no_grad()
-def quantize_sequential(model_dir: str | Path, calibration_text: str, point: GridPoint, num_samples: int,
+def quantize_full(model_dir: str | Path, calibration_text: str, point: GridPoint, num_samples: int,
                         seq_len: int, batch_size: int = 8, block_size: int = 128, device: str = "cpu"
                         ) -> tuple[dict, RosaqQuantConfig, dict[str, torch.Tensor]]:
-    """``(hf_config, quantization config, checkpoint tensors)`` of a sequential row: a full
-    :func:`pipeline.quantize_model` pass (calibration depends on the quantized layers, so nothing is shared)."""
+    """``(hf_config, quantization config, checkpoint tensors)`` of a row with its own calibration
+    (:attr:`GridPoint.own_calibration`): a full :func:`pipeline.quantize_model` pass, nothing shared."""
     model, batches, dtype, hf_config = _load_for_calibration(model_dir, calibration_text, num_samples, seq_len,
                                                               batch_size, device)
     opts = point.options(block_size)
@@ -261,9 +269,9 @@ def run_grid(
     for point in points:
         if _done(results, point.key, texts):
             continue
-        if point.sequential:
-            logger.info("row %s (calibrated on its own quantized layers)", point.key)
-            record(point, *quantize_sequential(model_dir, calibration_text, point, num_samples, seq_len,
+        if point.own_calibration:
+            logger.info("row %s (its own calibration pass)", point.key)
+            record(point, *quantize_full(model_dir, calibration_text, point, num_samples, seq_len,
                                                block_size=block_size, device=device))
         else:
             by_rotation.setdefault(point.rotation, []).append(point)

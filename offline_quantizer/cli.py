@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from offline_quantizer.pipeline import QuantizeOptions, quantize_checkpoint
+from offline_quantizer.pipeline import COMPLEMENTS, QuantizeOptions, quantize_checkpoint
 
 
 def _text(source: str) -> str:
@@ -57,12 +57,15 @@ def quantize_main(argv: list[str] | None = None) -> None:
                         help="with --gptq: round columns by decreasing second moment (group parameters fixed first)")
     parser.add_argument("--sequential", action="store_true",
                         help="calibrate each layer on the outputs of the earlier layers once quantized")
+    parser.add_argument("--complement", choices=COMPLEMENTS, default="pca",
+                        help="basis of the quantized channels: the PCA basis, or 'random': its non-salient "
+                             "directions mixed by a random orthogonal matrix (incoherent, as QuaRot)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.act_order,
-                           sequential=args.sequential)
+                           sequential=args.sequential, complement=args.complement)
     import torch
 
     on_cuda = torch.device(args.device).type == "cuda"
@@ -104,6 +107,8 @@ def eval_main(argv: list[str] | None = None) -> None:
     grid.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
     grid.add_argument("--sequential", action="store_true",
                       help="every row calibrated on its own quantized layers (one calibration pass per row)")
+    grid.add_argument("--complement", choices=COMPLEMENTS, default="pca",
+                      help="basis of the quantized channels of the rotated rows (see rosaq-quantize)")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)
@@ -145,7 +150,8 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     ids = AutoTokenizer.from_pretrained(args.model)(_text(args.text), return_tensors="pt").input_ids[0]
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
-    points = [GridPoint(r, b, args.group_size, k, g, g and args.act_order, args.sequential)
+    points = [GridPoint(r, b, args.group_size, k, g, g and args.act_order, args.sequential,
+                        args.complement if r != "none" else "pca")
               for r in args.rotation for b in args.bits for k in args.salient for g in gptq]
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)

@@ -29,6 +29,7 @@ from offline_quantizer.quantize import quantize_linear
 from offline_quantizer.rotation import (
     BlockSecondMoment,
     block_diag,
+    mix_complement,
     pca_basis,
     rotate_embedding,
     rotate_input,
@@ -57,6 +58,8 @@ SITES = {
     "mlp_out": ("down_proj", ("down_proj",)),
 }
 ONLINE_ROTATION = {"absorbed": ("down_proj",), "per-layer": QUANTIZED_LINEARS, "none": ()}
+#: bases of the quantized (non-salient) channels: the PCA basis itself, or its random mix (incoherent channels)
+COMPLEMENTS = ("pca", "random")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class QuantizeOptions:
     gptq: bool = False  # error-compensating (GPTQ) rounding in each linear's final basis; needs full moments
     act_order: bool = False  # GPTQ: round columns by decreasing second moment (group parameters fixed first)
     sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*
+    complement: str = "pca"  # basis of the quantized channels: "pca", or "random" (mixed: see mix_complement)
 
     @property
     def folds_norms(self) -> bool:
@@ -84,6 +88,10 @@ class QuantizeOptions:
 
     def quant_config(self) -> RosaqQuantConfig:
         """The checkpoint's ``quantization_config`` (validates the options)."""
+        if self.complement not in COMPLEMENTS:
+            raise ValueError(f"complement must be one of {COMPLEMENTS}, got {self.complement!r}")
+        if self.complement == "random" and self.rotation == "none":
+            raise ValueError("complement='random' mixes a rotation's quantized channels; rotation 'none' has none")
         is_fraction = self.salient < 1
         return RosaqQuantConfig(
             bits=self.bits,
@@ -194,13 +202,14 @@ def outlier_channels(peak: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float, outlier_ratio: float) -> torch.Tensor:
+def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeOptions) -> torch.Tensor:
     """Orthogonal basis ``[d, d]`` of the residual stream (the model's norms must be folded).
 
     Channels with massive activations (:func:`outlier_channels` of the residual stream's peak magnitudes)
     keep their own axis: rotating them would spread one huge coordinate, and the weights that write it,
     over every channel. The other channels get the PCA basis of the normalized inputs of every attention
-    and MLP block, summed over layers.
+    and MLP block, summed over layers; with ``opts.complement == "random"`` all but the principal directions
+    (as many as a linear of width ``d`` keeps salient) are then mixed (:func:`incoherent_complement`).
     """
     total = None
     peak = torch.zeros(adapter.embedding.embedding_dim, dtype=torch.float64)
@@ -211,7 +220,7 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float,
                                                                    "mlp_in": layer.mlp.gate_proj.in_features})
         layer_sum = moments["attn_in"].mean() + moments["mlp_in"].mean()
         total = layer_sum if total is None else total + layer_sum
-    outliers = outlier_channels(peak, outlier_ratio).to(total.device)
+    outliers = outlier_channels(peak, opts.outlier_ratio).to(total.device)
     keep = torch.ones(peak.numel(), dtype=torch.bool, device=total.device)
     keep[outliers] = False
     rest = torch.nonzero(keep).flatten()
@@ -219,8 +228,31 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, damping: float,
                 outliers.tolist())
     basis = torch.zeros_like(total[0])
     basis[outliers, outliers] = 1.0
-    basis[rest.unsqueeze(1), rest.unsqueeze(0)] = pca_basis(total[:, rest][:, :, rest], damping)[0]
-    return basis
+    basis[rest.unsqueeze(1), rest.unsqueeze(0)] = pca_basis(total[:, rest][:, :, rest], opts.damping)[0]
+    return incoherent_complement(basis[None], total, ~keep, opts)[0]
+
+
+def incoherent_complement(
+    basis: torch.Tensor, moment: torch.Tensor, outliers: torch.Tensor, opts: QuantizeOptions, group: int = 1
+) -> torch.Tensor:
+    """``basis`` with its quantized channels mixed (``opts.complement == "random"``), else ``basis`` itself.
+
+    The principal channels are those the salient selection will keep: the ``num_salient_for(d)`` of largest
+    energy in ``basis`` and every outlier channel; the rest of each block is mixed by :func:`mix_complement`.
+
+    Args:
+        basis: float64 ``[nb, B, B]`` block bases.
+        moment: float64 ``[nb · group, B, B]`` block second moments (``group`` moments share one basis: the
+            query heads of one KV head).
+        outliers: bool ``[nb · group · B]`` channels that are always salient.
+    """
+    if opts.complement != "random":
+        return basis
+    energy = rotated_energy(moment, basis.repeat_interleave(group, dim=0))
+    energy = torch.where(outliers, torch.inf, energy)
+    principal = outliers.clone()
+    principal[torch.topk(energy, opts.quant_config().num_salient_for(energy.numel())).indices] = True
+    return mix_complement(basis, principal.view(basis.shape[0], group, -1).any(1))
 
 
 @torch.no_grad()
@@ -272,7 +304,7 @@ def rotate_layer(
         rot = None
         final_basis = None  # dense rotation of this site's input (None: identity), for the GPTQ Hessian
         if opts.rotation == "per-layer":
-            basis = pca_basis(moment, opts.damping, keep_axis)
+            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts)
             final_basis = block_diag(basis)
             for name in projections:
                 rotate_input(adapter.projection(layer, name), final_basis)
@@ -282,14 +314,15 @@ def rotate_layer(
             group = shape.num_heads // shape.num_kv_heads
             per_kv = moment.view(shape.num_kv_heads, group, shape.head_dim, shape.head_dim).sum(1)
             per_kv_keep = keep_axis.view(shape.num_kv_heads, group, shape.head_dim).any(1)
-            head_bases = pca_basis(per_kv, opts.damping, per_kv_keep)
             outliers = per_kv_keep.repeat_interleave(group, dim=0).reshape(-1)
+            head_bases = incoherent_complement(pca_basis(per_kv, opts.damping, per_kv_keep), moment, outliers, opts,
+                                               group)
             rotate_value_output(adapter.projection(layer, "v_proj"), adapter.projection(layer, "o_proj"),
                                 head_bases, shape.num_heads)
             energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
             final_basis = block_diag(head_bases.repeat_interleave(group, dim=0))
         elif opts.rotation == "absorbed" and site == "mlp_out":
-            basis = pca_basis(moment, opts.damping, keep_axis)
+            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts)
             final_basis = block_diag(basis)
             rotate_input(adapter.projection(layer, "down_proj"), final_basis)
             rot, energy = basis, rotated_energy(moment, basis)
@@ -356,7 +389,7 @@ def prepare_model(
     if opts.rotation != "absorbed":
         return adapter, inputs, None
     if basis is None:
-        basis = residual_basis(adapter, inputs, opts.damping, opts.outlier_ratio)
+        basis = residual_basis(adapter, inputs, opts)
     apply_residual_basis(adapter, basis)
     inputs.hidden = [(h.to(torch.float64) @ basis.to(h.device)).to(h.dtype) for h in inputs.hidden]
     return adapter, inputs, basis

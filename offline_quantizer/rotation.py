@@ -73,6 +73,39 @@ def pca_basis(moment: torch.Tensor, damping: float = 0.01, keep_axis: torch.Tens
     return bases.reshape(moment.shape)
 
 
+def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
+    """A Haar-random orthogonal float64 ``[n, n]`` (QR of a Gaussian matrix, signs fixed); the same for the same
+    ``(n, seed)`` on every machine (CPU generator)."""
+    gaussian = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def mix_complement(basis: torch.Tensor, principal: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Mix the non-principal columns of (batched) bases by a random orthogonal matrix, block by block.
+
+    The principal columns (those kept in fp16, e.g. the top PCA directions) are unchanged; the others are
+    replaced by ``basis[:, rest] · Q`` with a random orthogonal ``Q``: the same subspace, so the salient part of
+    the product is unchanged, but the quantized channels become *incoherent* (every one a mix of many PCA
+    directions, as QuaRot's rotations make them): no quantization group holds all the high-variance directions,
+    and GPTQ's error compensation has correlations to use (in a PCA basis the second moment is diagonal).
+
+    Args:
+        basis: float64 ``[..., B, B]`` orthogonal, columns are channels.
+        principal: bool ``[..., B]`` columns to keep.
+    Returns:
+        float64 ``[..., B, B]`` orthogonal, spanning the same principal subspace per block.
+    """
+    size = basis.shape[-1]
+    mixed, keep = basis.reshape(-1, size, size).clone(), principal.reshape(-1, size)
+    for block, block_keep in enumerate(keep):
+        rest = torch.nonzero(~block_keep).flatten()
+        if rest.numel() > 1:
+            q = random_orthogonal(rest.numel(), seed).to(mixed.device)
+            mixed[block][:, rest] = mixed[block][:, rest] @ q
+    return mixed.reshape(basis.shape)
+
+
 def rotated_energy(moment: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Per-channel energy ``diag(Rᵀ H R)`` of block moments ``[nb,B,B]`` in block bases ``[nb,B,B]``, flat."""
     return torch.einsum("nij,nik,nkj->nj", basis, moment, basis).reshape(-1)

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 from offline_quantizer.accuracy import (
     GridPoint,
     checkpoint_bits,
+    quantize_full,
     quantize_rotated,
-    quantize_sequential,
     rotate_for_grid,
     run_grid,
 )
@@ -114,7 +114,7 @@ def test_sequential_grid_row_equals_the_quantizer_checkpoint(tiny_model_dir, tmp
     point = GridPoint("absorbed", 3, 32, 16, gptq=True, act_order=True, sequential=True)
     opts = point.options(block_size=64)
     ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
-    _, _, tensors = quantize_sequential(model, calibration_corpus(), point, block_size=64, **CALIB)
+    _, _, tensors = quantize_full(model, calibration_corpus(), point, block_size=64, **CALIB)
     written = load_tensors(ckpt)
     assert set(tensors) == set(written)
     for name, tensor in written.items():

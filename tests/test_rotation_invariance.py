@@ -7,7 +7,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from offline_quantizer.adapters import DecoderAdapter
-from offline_quantizer.pipeline import QuantizeOptions, RotatedLinear, rotate_model
+from offline_quantizer.pipeline import QuantizeOptions, RotatedLinear, incoherent_complement, rotate_model
+from offline_quantizer.rotation import mix_complement, pca_basis, rotated_energy
 
 
 class _RotatedFloatLinear(nn.Module):
@@ -28,10 +29,16 @@ class _RotatedFloatLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("rotation", ["absorbed", "per-layer", "none"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str, dtype: torch.dtype) -> None:
+_CASES = [(arch, rotation, dtype, "pca") for arch in ("llama", "qwen2", "mistral")
+          for rotation in ("absorbed", "per-layer", "none") for dtype in (torch.float64, torch.float32)]
+# the mixed complement: every site's basis changes (qwen2's tiny model has grouped KV heads)
+_CASES += [(arch, rotation, torch.float64, "random") for arch in ("llama", "qwen2")
+           for rotation in ("absorbed", "per-layer")]
+
+
+@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement"), _CASES)
+def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str, dtype: torch.dtype,
+                                        complement: str) -> None:
     """float32 matters too: there the pipeline's float64 copies of weights are real copies (a stale copy of
     a projection that a later site rotates once went unnoticed in float64)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=dtype).eval()
@@ -48,7 +55,7 @@ def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str
             parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
             setattr(parent, name, _RotatedFloatLinear(rotated, getattr(parent, name).bias))
 
-    opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=64)
+    opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=64, complement=complement)
     rotate_model(model, batches, opts, install)
     residual_rotated = not torch.allclose(adapter.embedding.weight, original_embedding)
     assert residual_rotated == (rotation == "absorbed")
@@ -64,3 +71,63 @@ def test_rotate_blocks_is_orthogonal_change_of_basis() -> None:
     x = torch.randn(4, 48, dtype=torch.float64)
     y = rotate_blocks(x, rot).to(torch.float64)
     torch.testing.assert_close(y.norm(dim=1), x.norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
+def _moments(count: int, dim: int, seed: int) -> torch.Tensor:
+    """``[count, dim, dim]`` second moments with a few dominant directions (random data, never zero)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(count, 256, dim, generator=g, dtype=torch.float64)
+    x = x * torch.logspace(1, -1, dim, dtype=torch.float64)  # decaying channel scales
+    return x.transpose(1, 2) @ x / 256
+
+
+def test_mix_complement_keeps_principal_columns_and_subspace() -> None:
+    moment = _moments(3, 32, seed=3)
+    basis = pca_basis(moment)
+    principal = torch.zeros(3, 32, dtype=torch.bool)
+    principal[:, :5] = True
+    principal[1, 7] = True
+    mixed = mix_complement(basis, principal)
+    eye = torch.eye(32, dtype=torch.float64).expand(3, 32, 32)
+    torch.testing.assert_close(mixed.transpose(1, 2) @ mixed, eye, rtol=0, atol=1e-12)
+    columns = principal.unsqueeze(1).expand_as(basis)
+    torch.testing.assert_close(mixed[columns], basis[columns])
+    for b in range(3):
+        rest = ~principal[b]
+        # same complement subspace: its projector is unchanged
+        p_old = basis[b][:, rest] @ basis[b][:, rest].t()
+        p_new = mixed[b][:, rest] @ mixed[b][:, rest].t()
+        torch.testing.assert_close(p_new, p_old, rtol=0, atol=1e-12)
+        assert not torch.allclose(mixed[b][:, rest], basis[b][:, rest])
+        # incoherent: the complement's energy is spread (no mixed column near the largest complement eigenvalue)
+        old_energy = rotated_energy(moment[b:b + 1], basis[b:b + 1])[rest]
+        new_energy = rotated_energy(moment[b:b + 1], mixed[b:b + 1])[rest]
+        torch.testing.assert_close(new_energy.sum(), old_energy.sum())
+        assert new_energy.max() < 0.5 * old_energy.max()
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_incoherent_complement_keeps_the_salient_selection(group: int) -> None:
+    """The channels the salient selection keeps (top-K energy, outliers always) are those the mix left alone."""
+    nb, size = 2, 64
+    moment = _moments(nb * group, size, seed=4)
+    basis = pca_basis(moment.view(nb, group, size, size).sum(1))
+    outliers = torch.zeros(nb * group * size, dtype=torch.bool)
+    outliers[size + 40] = True  # a low-energy channel that must stay salient anyway
+    opts = QuantizeOptions(group_size=32, salient=16, rotation="per-layer", complement="random")
+    mixed = incoherent_complement(basis, moment, outliers, opts, group)
+
+    def top(b: torch.Tensor) -> set[int]:
+        energy = torch.where(outliers, torch.inf, rotated_energy(moment, b.repeat_interleave(group, dim=0)))
+        return set(torch.topk(energy, 16).indices.tolist())
+
+    assert top(mixed) == top(basis)
+    assert not torch.allclose(mixed, basis)
+    assert incoherent_complement(basis, moment, outliers, QuantizeOptions(salient=16)) is basis
+
+
+def test_random_complement_needs_a_rotation() -> None:
+    with pytest.raises(ValueError, match="rotation 'none'"):
+        QuantizeOptions(rotation="none", complement="random").quant_config()
+    with pytest.raises(ValueError, match="complement must be one of"):
+        QuantizeOptions(complement="hadamard").quant_config()
