@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-LABELS = {"none": "orig-space saliency (K=0: RTN)", "absorbed": "ROSAQ absorbed", "per-layer": "ROSAQ per-layer"}
+LABELS = {"none": "original space", "absorbed": "ROSAQ absorbed", "per-layer": "ROSAQ per-layer"}
 
 
 def rows(results: dict) -> list[tuple]:
@@ -69,8 +69,10 @@ def plot(results: dict, path: Path, title: str) -> None:
     for key, row in results.items():
         if key == "fp16":
             continue
-        name = key.split("|")[0] if key.startswith("llmc-") else f"{LABELS[key.split('|')[0]]} {key.split('|')[3]}"
-        series.setdefault(name, []).append((row["bits"], row["eval"][text]["ppl"]))
+        parts = key.split("|")  # rotation, W/g, K, rounding, flags ("ao", "seq", "mix")
+        name = parts[0] if key.startswith("llmc-") else f"{LABELS[parts[0]]} {'+'.join(parts[3:])}"
+        bits = row.get("bits_format2", row["bits"])  # rows measured before format 2: their format-2 bits
+        series.setdefault(name, []).append((bits, row["eval"][text]["ppl"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=name, alpha=0.8)
