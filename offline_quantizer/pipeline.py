@@ -160,7 +160,7 @@ def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: i
     if rotation == "absorbed" and site == "attn_out":
         return head_dim
     if rotation == "absorbed" and site == "mlp_out":
-        return block_size
+        return block_size or dim
     return 1
 
 

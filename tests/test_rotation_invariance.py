@@ -34,11 +34,14 @@ _CASES = [(arch, rotation, dtype, "pca") for arch in ("llama", "qwen2", "mistral
 # the mixed complement: every site's basis changes (qwen2's tiny model has grouped KV heads)
 _CASES += [(arch, rotation, torch.float64, "random") for arch in ("llama", "qwen2")
            for rotation in ("absorbed", "per-layer")]
+_CASES = [(*case, 64) for case in _CASES]
+# block size 0: one online block over the whole input (down_proj for absorbed, every site for per-layer)
+_CASES += [("llama", rotation, torch.float64, "pca", 0) for rotation in ("absorbed", "per-layer")]
 
 
-@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement"), _CASES)
+@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement", "block_size"), _CASES)
 def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str, dtype: torch.dtype,
-                                        complement: str) -> None:
+                                        complement: str, block_size: int) -> None:
     """float32 matters too: there the pipeline's float64 copies of weights are real copies (a stale copy of
     a projection that a later site rotates once went unnoticed in float64)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=dtype).eval()
@@ -55,7 +58,7 @@ def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str
             parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
             setattr(parent, name, _RotatedFloatLinear(rotated, getattr(parent, name).bias))
 
-    opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=64, complement=complement)
+    opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=block_size, complement=complement)
     rotate_model(model, batches, opts, install)
     residual_rotated = not torch.allclose(adapter.embedding.weight, original_embedding)
     assert residual_rotated == (rotation == "absorbed")
