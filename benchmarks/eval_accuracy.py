@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from offline_quantizer import assets  # noqa: E402
-from offline_quantizer.accuracy import GridPoint, load_results, run_grid  # noqa: E402
+from offline_quantizer.accuracy import grid_points, load_results, run_grid  # noqa: E402
 
 logger = logging.getLogger("eval_accuracy")
 WIKITEXT = Path(os.environ.get("ROSAQ_WIKITEXT", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -58,20 +58,6 @@ def eval_texts(tokenizer_dir: Path, names: list[str], max_tokens: int) -> dict[s
             raise ValueError(name)
         texts[name] = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
     return texts
-
-
-def grid_points(
-    rotations: list[str], bits: list[int], group_size: int, salient: list[float], gptq: list[bool],
-    act_order: bool = False, sequential: bool = False, complement: str = "pca",
-) -> list[GridPoint]:
-    points = []
-    for rotation in rotations:
-        for b in bits:
-            for k in salient:
-                for g in gptq:
-                    points.append(GridPoint(rotation, b, group_size, k, g, g and act_order, sequential,
-                                            complement if rotation != "none" else "pca"))
-    return points
 
 
 def stage_grid(args: argparse.Namespace) -> None:

@@ -78,6 +78,12 @@ _ACT_KIND = {torch.float16: _ACT_FP16, torch.bfloat16: _ACT_BF16, torch.float32:
 #: Salient channels are processed in tiles of this many (``S`` must be a multiple of it).
 SALIENT_BLOCK = 16
 
+#: In-memory dtype of the zero points. Not uint8: Triton sizes the tensor-core operand layout of the dequantized
+#: weights by the narrowest type feeding it (``kWidth`` 4 for an 8-bit zero point, 2 otherwise), and with
+#: ``kWidth`` 4 the activation fragments need ~100 register moves per K tile (sm_90 SASS of the M <= 16 loop:
+#: 528 instructions and 128 registers with uint8 zero points, 423 and 96 with int16; BENCHMARKS.md).
+KERNEL_ZERO_DTYPE = torch.int16
+
 
 @triton.jit
 def _codes_slice(words, j: tl.constexpr, BITS: tl.constexpr):
@@ -682,13 +688,6 @@ def rosaq_fused_linear(
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
-
-
-#: In-memory dtype of the zero points. Not uint8: Triton sizes the tensor-core operand layout of the dequantized
-#: weights by the narrowest type feeding it (``kWidth`` 4 for an 8-bit zero point, 2 otherwise), and with
-#: ``kWidth`` 4 the activation fragments need ~100 register moves per K tile (sm_90 SASS of the M <= 16 loop:
-#: 528 instructions and 128 registers with uint8 zero points, 423 and 96 with int16; BENCHMARKS.md).
-KERNEL_ZERO_DTYPE = torch.int16
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,18 @@ class GridPoint:
                                act_order=self.act_order, sequential=self.sequential, complement=self.complement)
 
 
+def grid_points(
+    rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
+    act_order: bool = False, sequential: bool = False, complement: str = "pca",
+) -> list[GridPoint]:
+    """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
+    only on rotated rows (the original space has no basis to mix)."""
+    return [
+        GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca")
+        for r in rotations for b in bits for k in salient for g in gptq
+    ]
+
+
 @dataclass
 class RotatedModel:
     """A model folded, calibrated and rotated, every projection in its final basis, not yet quantized."""

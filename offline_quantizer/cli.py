@@ -145,7 +145,7 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """``rosaq-eval --grid``: fp, RTN, original-space saliency and ROSAQ rows, cached in ``--json``."""
     from transformers import AutoTokenizer
 
-    from offline_quantizer.accuracy import GridPoint, run_grid
+    from offline_quantizer.accuracy import grid_points, run_grid
 
     if not (args.model and args.json):
         parser.error("--grid needs --model and --json (the row cache)")
@@ -153,9 +153,8 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     ids = AutoTokenizer.from_pretrained(args.model)(_text(args.text), return_tensors="pt").input_ids[0]
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
-    points = [GridPoint(r, b, args.group_size, k, g, g and args.act_order, args.sequential,
-                        args.complement if r != "none" else "pca")
-              for r in args.rotation for b in args.bits for k in args.salient for g in gptq]
+    points = grid_points(args.rotation, args.bits, args.group_size, args.salient, gptq, args.act_order,
+                         args.sequential, args.complement)
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)
     for key, row in results.items():
