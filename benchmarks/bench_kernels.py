@@ -10,7 +10,9 @@ that must move (weights, scales, zero points, salient weights and indices, rotat
 written once), the fraction of the bandwidth floor (bytes / HBM copy bandwidth measured in the same run),
 and ratios. Marlin (``apply_gptq_marlin_linear``) and Machete (``machete_mm``) are vLLM 0.26's W4A16
 kernels at uint4b8 (GPTQ, symmetric) g128, called as in ``shared/gpu/kernel_anchor.py``; if vLLM cannot
-be imported they are skipped and the report says so.
+be imported they are skipped and the report says so. ``rosaq-w4-*-machete`` is the ROSAQ op's large-M path
+(``rosaq_kernels.machete``: Machete with zero points + the salient ``addmm``), which the op takes from
+``MACHETE_MIN_M`` rows on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from rosaq_kernels.fused_linear import _CONFIGS, fused_linear, prepare_weights, set_config_table
+from rosaq_kernels.machete import MACHETE_MIN_M, machete_linear, machete_weights
 from rosaq_kernels.packing import pack
 
 MODELS = {
@@ -108,7 +111,15 @@ def make_rosaq(K, N, bits, S, B, gen):
     rot = torch.linalg.qr(torch.randn(K // B, B, B, generator=gen, device="cuda"))[0] if B else None
     qweight = pack(codes, bits)
     del codes
-    return prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=GROUP)
+    prepared = prepare_weights(qweight, scales, qzeros, sidx, sw, rot, bits=bits, group_size=GROUP)
+    prepared.update(machete_weights(qweight, scales, qzeros, bits, GROUP, torch.float16) or {})
+    return prepared
+
+
+def machete_path(a, p):
+    """The op's large-M path (``rosaq_kernels.machete``) on a prepared layer."""
+    return machete_linear(a, p["machete_qweight"], p["machete_scales"], p["machete_zeros"], p["salient_idx"],
+                          p["salient_weight"], p["rot"], GROUP)
 
 
 def rosaq_copies(K, N, bits, S, B, gen):
@@ -196,6 +207,9 @@ def bench(models, ms, vk, bw, out_lines):
                 fns[f"rosaq-w{bits}-s{round(frac * 100)}"] = [
                     lambda a, p=p, bits=bits: fused_linear(a, p, bits, GROUP) for p in copies
                 ]
+                if "machete_qweight" in copies[0]:
+                    fns[f"rosaq-w{bits}-s{round(frac * 100)}-machete"] = [lambda a, p=p: machete_path(a, p)
+                                                                         for p in copies]
             for M in ms:
                 a = torch.randn(M, K, dtype=torch.float16, device="cuda", generator=gen)
                 for meth, fl in fns.items():
@@ -206,7 +220,8 @@ def bench(models, ms, vk, bw, out_lines):
                         nb = w4_bytes(M, K, N)
                     else:
                         bits = int(meth[7])
-                        nb = rosaq_bytes(M, K, N, bits, salient_count(K, int(meth.split("-s")[1]) / 100), B)
+                        frac = int(meth.split("-s")[1].split("-")[0]) / 100
+                        nb = rosaq_bytes(M, K, N, bits, salient_count(K, frac), B)
                     per_linear[(model, M, name, meth)] = (t, nb)
                     print(
                         f"{model} {name:8s} M={M:5d} {meth:14s} {t:9.1f} us"
@@ -217,8 +232,7 @@ def bench(models, ms, vk, bw, out_lines):
             del fns
             torch.cuda.empty_cache()
     # Tables.
-    methods = ["fp16"] + (["marlin", "machete"] if vk is not None else [])
-    methods += [f"rosaq-w{b}-s{round(f * 100)}" for b, f in rosaq_methods]
+    methods = list(dict.fromkeys(key[3] for key in per_linear))  # in the order they were timed
     for model in models:
         names = list(MODELS[model])
         out_lines.append(f"\n### {model}: per layer (sum of {', '.join(names)}), µs\n")
@@ -254,9 +268,10 @@ def bench(models, ms, vk, bw, out_lines):
     if "llama2-7b" in models:
         out_lines.append("\n### Llama-2-7B layer vs the issue's anchors and targets (µs)\n")
         out_lines.append(
-            "| M | fp16 (anchor) | Marlin (anchor) | Machete (anchor) | target | best ROSAQ W4 | best ROSAQ W3 |"
+            "| M | fp16 (anchor) | Marlin (anchor) | Machete (anchor) | target | best ROSAQ W4 | ROSAQ W4 S 1 % op "
+            "| best ROSAQ W3 |"
         )
-        out_lines.append("|---|---|---|---|---|---|---|")
+        out_lines.append("|---|---|---|---|---|---|---|---|")
         names = list(MODELS["llama2-7b"])
         for M in ms:
             if M not in ANCHORS:
@@ -266,9 +281,11 @@ def bench(models, ms, vk, bw, out_lines):
             meas = [f"{tot[m]:.1f} ({a})" for m, a in zip(methods[:3], an[:3], strict=True)]
             if vk is None:
                 meas = [meas[0], f"– ({an[1]})", f"– ({an[2]})"]
-            w4 = min(tot["rosaq-w4-s1"], tot["rosaq-w4-s3"])
+            w4 = min(tot[m] for m in methods if m.startswith("rosaq-w4"))
             w3 = min(tot["rosaq-w3-s1"], tot["rosaq-w3-s3"])
-            out_lines.append(f"| {M} | " + " | ".join(meas) + f" | ≤{an[3]} | {w4:.1f} | {w3:.1f} |")
+            op = tot.get("rosaq-w4-s1-machete") if M >= MACHETE_MIN_M else None  # what the op dispatches to
+            op = tot["rosaq-w4-s1"] if op is None else op
+            out_lines.append(f"| {M} | " + " | ".join(meas) + f" | ≤{an[3]} | {w4:.1f} | {op:.1f} | {w3:.1f} |")
     return per_linear
 
 

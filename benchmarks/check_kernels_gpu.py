@@ -7,9 +7,10 @@ with an online block rotation of 128), INT4 and INT3 with 3% salient channels, f
 M ∈ {1, 16, 64, 256, 1024, 4096}: fresh random codes, zero points, scales, salient channels and
 activations; the output buffer poisoned with NaN; compared with the torch reference in float32
 (TF32 off) by ‖y − ref‖ / ‖ref‖. Also: the checkpoint layout through ``torch.ops.rosaq.linear``, and
-replay under a CUDA graph with new input data. ``--variants`` also checks every tile orientation ×
-scaling variant (swap, late scale) of the launch configs at M ∈ {1, 16, 64, 256}. Exits non-zero on any
-failure.
+replay under a CUDA graph with new input data; for INT4, the op's Machete path (``rosaq_kernels.machete``)
+from ``MACHETE_MIN_M`` rows on, fp16 and bf16, and its CUDA-graph replay. ``--variants`` also checks every
+tile orientation × scaling variant (swap, late scale) of the launch configs at M ∈ {1, 16, 64, 256}.
+Exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
 import torch
 from rosaq_kernels.fused_linear import fused_linear, prepare_weights
+from rosaq_kernels.machete import MACHETE_MIN_M, machete_weights
 from rosaq_kernels.packing import pack
 from rosaq_kernels.reference import dequantize, rotate_blocks
 
@@ -63,6 +65,46 @@ def variant_configs(M: int) -> list[tuple[int, ...]]:
 
 def rel_err(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def check_machete(layer, prepared, W, K, N, name, gen) -> list[str]:
+    """The op's Machete path (W4, M >= MACHETE_MIN_M): fp16 and bf16, then a CUDA-graph replay on new data."""
+    qweight, scales, qzeros, sidx, sw, _ = layer
+    failures = []
+    for dt in (torch.float16, torch.bfloat16):
+        machete = machete_weights(qweight, scales, qzeros, 4, GROUP, dt)
+        if machete is None:
+            failures.append(f"FAIL W4 {name}: no Machete path on this GPU / vLLM")
+            return failures
+        rot = None if prepared["rot"] is None else prepared["rot"].to(dt)
+        args = [prepared[k] for k in ("qweight", "scales", "qzeros", "salient_idx", "salient_weight")]
+        args += [rot, 4, GROUP, True, machete["machete_qweight"], machete["machete_scales"], machete["machete_zeros"]]
+        for M in (MACHETE_MIN_M, 64, 256, 1024):
+            x = torch.randn(M, K, generator=gen, device="cuda").to(dt)
+            y = torch.ops.rosaq.linear(x, *args)
+            err = rel_err(y, reference(x, W, sidx, sw, rot))
+            ok = err < TOL[dt] and not torch.isnan(y).any().item()
+            line = f"{'ok ' if ok else 'FAIL'} W4 {name:8s} Machete path M={M:5d} {str(dt)[6:]:8s} err={err:.2e}"
+            print(line, flush=True)
+            if not ok:
+                failures.append(line)
+        xs = torch.randn(64, K, generator=gen, device="cuda").to(dt)
+        torch.ops.rosaq.linear(xs, *args)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = torch.ops.rosaq.linear(xs, *args)
+        xs.copy_(torch.randn(64, K, generator=gen, device="cuda"))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        err = rel_err(out, reference(xs, W, sidx, sw, rot))
+        ok = err < TOL[dt] and not torch.isnan(out).any().item()
+        line = f"{'ok ' if ok else 'FAIL'} W4 {name:8s} Machete path CUDA-graph replay M=64 {str(dt)[6:]} err={err:.2e}"
+        print(line, flush=True)
+        if not ok:
+            failures.append(line)
+    return failures
 
 
 def main() -> int:
@@ -148,6 +190,8 @@ def main() -> int:
                 print(line, flush=True)
                 if not ok:
                     failures.append(line)
+            if bits == 4:
+                failures += check_machete(layer, prepared, W, K, N, name, gen)
             del W, layer, prepared
             torch.cuda.empty_cache()
     print(f"\n{len(failures)} failure(s)")

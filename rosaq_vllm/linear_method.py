@@ -6,6 +6,9 @@ Tensor parallelism: column-parallel layers (qkv, gate_up) see the whole input, s
 are sliced along the input, and after loading each rank keeps the salient channels that fall into its
 slice (their partial products are summed by the all-reduce like the rest).
 
+On a Hopper GPU a W4 layer also keeps Machete's copy of its INT4 weights for large M
+(``rosaq_kernels.machete``).
+
 The checkpoint's zero points are packed along the outputs (``[K/g, N·bits/32]``); the loader unpacks each
 projection's tensor to uint8 ``[N, K/g]`` before vLLM slices it, so they shard exactly like ``scales``.
 """
@@ -150,11 +153,17 @@ class RosaqLinearMethod(LinearMethodBase):
                    "rot": layer.rot.data if "rot" in layer.rosaq_loaded else None}
         del layer.rosaq_loaded
         self.kernel_layout = layer.qweight.is_cuda
+        machete = None
         if self.kernel_layout:  # the fused Triton kernel's layout (rosaq_kernels.fused_linear.prepare_weights)
             from rosaq_kernels.fused_linear import prepare_weights
+            from rosaq_kernels.machete import machete_weights
 
-            tensors = prepare_weights(**tensors, bits=self.quant_config.bits, group_size=self.quant_config.group_size,
-                                      rot_dtype=layer.rosaq_params_dtype)
+            bits, group_size = self.quant_config.bits, self.quant_config.group_size
+            machete = machete_weights(tensors["qweight"], tensors["scales"], tensors["qzeros"], bits, group_size,
+                                      layer.rosaq_params_dtype)
+            tensors = prepare_weights(**tensors, bits=bits, group_size=group_size, rot_dtype=layer.rosaq_params_dtype)
+        # Large-M copy of the INT4 weights for vLLM's Machete (Hopper, W4; rosaq_kernels.machete), else None.
+        tensors.update(machete or dict.fromkeys(("machete_qweight", "machete_scales", "machete_zeros")))
         for name, data in tensors.items():
             value = None if data is None else torch.nn.Parameter(data, requires_grad=False)
             setattr(layer, name, value)
@@ -163,7 +172,8 @@ class RosaqLinearMethod(LinearMethodBase):
         flat = x.reshape(-1, x.shape[-1])
         args = (flat, layer.qweight, layer.scales, layer.qzeros, layer.salient_idx, layer.salient_weight, layer.rot,
                 self.quant_config.bits, self.quant_config.group_size)
-        y = torch.ops.rosaq.linear(*args, self.kernel_layout)
+        y = torch.ops.rosaq.linear(*args, self.kernel_layout, layer.machete_qweight, layer.machete_scales,
+                                   layer.machete_zeros)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
