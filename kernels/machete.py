@@ -27,8 +27,10 @@ import os
 
 import torch
 
+#: Environment variable: ``0`` keeps only the Triton path (no second copy of the INT4 weights).
+MACHETE_ENV = "ROSAQ_MACHETE"
 #: From this many rows (tokens) on, ``torch.ops.rosaq.linear`` sends a W4 layer to Machete (H100, BENCHMARKS.md).
-MACHETE_MIN_M = 32
+MACHETE_MIN_M = 64
 #: Group sizes Machete supports for fp16/bf16 activations (vLLM's ``query_machete_supported_group_sizes``).
 MACHETE_GROUP_SIZES = (64, 128)
 #: Machete's prepacked block: input channels must be a multiple of the first, outputs of the second.
@@ -55,7 +57,7 @@ def _machete_ops_loaded() -> bool:
 def machete_supported(device: torch.device, bits: int, group_size: int, in_features: int, out_features: int,
                       act_dtype: torch.dtype) -> bool:
     """Whether a layer of this shape can take the Machete path on ``device`` (and ``ROSAQ_MACHETE`` allows it)."""
-    if os.environ.get("ROSAQ_MACHETE", "1") == "0" or device.type != "cuda":
+    if os.environ.get(MACHETE_ENV, "1") == "0" or device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(device) != (9, 0) or not _machete_ops_loaded():
         return False

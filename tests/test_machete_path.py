@@ -95,3 +95,16 @@ def test_not_supported_off_hopper(monkeypatch):
     assert not machete_supported(*args)
     monkeypatch.setenv("ROSAQ_MACHETE", "0")
     assert not machete_supported(*args)
+
+
+def test_machete_env_is_a_compile_cache_factor(monkeypatch):
+    """Toggling ROSAQ_MACHETE changes the graph's inputs, so vLLM's compile cache key must change with it."""
+    import rosaq_vllm
+    import vllm.envs as envs
+
+    rosaq_vllm.register()
+    monkeypatch.delenv("ROSAQ_MACHETE", raising=False)
+    default = envs.compile_factors()
+    monkeypatch.setenv("ROSAQ_MACHETE", "0")
+    off = envs.compile_factors()
+    assert "ROSAQ_MACHETE" in default and default["ROSAQ_MACHETE"] != off["ROSAQ_MACHETE"]
