@@ -99,8 +99,9 @@ def test_not_supported_off_hopper(monkeypatch):
 
 def test_machete_env_is_a_compile_cache_factor(monkeypatch):
     """Toggling ROSAQ_MACHETE changes the graph's inputs, so vLLM's compile cache key must change with it."""
-    import rosaq_vllm
     import vllm.envs as envs
+
+    import rosaq_vllm
 
     rosaq_vllm.register()
     monkeypatch.delenv("ROSAQ_MACHETE", raising=False)
