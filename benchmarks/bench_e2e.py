@@ -9,7 +9,8 @@ Steps (each fits in one 10-minute GPU command; results accumulate in ``--out``):
     python benchmarks/bench_e2e.py report   --out OUT
 
 Configs: ``fp16``, ``awq`` (vLLM's default kernel, Machete on H100), ``awq-marlin``
-(``VLLM_DISABLED_KERNELS=MacheteLinearKernel``), ``rosaq-w4``, ``rosaq-w3``. fp16 and AWQ use
+(``VLLM_DISABLED_KERNELS=MacheteLinearKernel``), ``rosaq-w4``, ``rosaq-w4-triton`` (the same checkpoint with
+``ROSAQ_MACHETE=0``: the fused Triton kernel at every M), ``rosaq-w3``. fp16 and AWQ use
 ``load_format="dummy"`` (random weights; fine for timing); ROSAQ serves the checkpoints made by ``quantize``.
 Every config runs in a fresh subprocess. Prompts are random token ids (the tokenizer is a tiny offline one).
 """
@@ -57,7 +58,7 @@ SHAPES = {
         "rope_theta": 10000.0,
     },
 }
-CONFIGS = ("fp16", "awq", "awq-marlin", "rosaq-w4", "rosaq-w3")
+CONFIGS = ("fp16", "awq", "awq-marlin", "rosaq-w4", "rosaq-w4-triton", "rosaq-w3")
 AWQ_QCFG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 PROMPT_LEN, GEN_LEN = 128, 256
 
@@ -237,7 +238,9 @@ def _engine_args(out: Path, config: str, tp: int, max_len: int, gpu_util: float,
         if config == "awq-marlin":
             env["VLLM_DISABLED_KERNELS"] = "MacheteLinearKernel"
     elif config.startswith("rosaq-"):
-        kwargs.update(model=str(out / config), quantization="rosaq")
+        kwargs.update(model=str(out / config.removesuffix("-triton")), quantization="rosaq")
+        if config.endswith("-triton"):  # the fused Triton kernel at every M (no Machete copy for large M)
+            env["ROSAQ_MACHETE"] = "0"
     else:
         raise ValueError(f"unknown config {config!r}; choose from {CONFIGS}")
     return kwargs, env
