@@ -29,7 +29,8 @@ import torch
 
 #: Environment variable: ``0`` keeps only the Triton path (no second copy of the INT4 weights).
 MACHETE_ENV = "ROSAQ_MACHETE"
-#: From this many rows (tokens) on, ``torch.ops.rosaq.linear`` sends a W4 layer to Machete (H100, BENCHMARKS.md).
+#: From this many rows (tokens) on, ``torch.ops.rosaq.linear`` sends a W4 layer to Machete (the H200 crossover of
+#: 2026-12-04 in BENCHMARKS.md: Triton 107 vs Machete path 131 µs per Llama-2-7B layer at 32 rows, 168 vs 145 at 64).
 MACHETE_MIN_M = 64
 #: Group sizes Machete supports for fp16/bf16 activations (vLLM's ``query_machete_supported_group_sizes``).
 MACHETE_GROUP_SIZES = (64, 128)
