@@ -236,8 +236,24 @@ def _evaluate(model: torch.nn.Module, texts: dict[str, torch.Tensor], context: i
     return {name: summarize_nll(token_nll(model, ids, context, batch_size)) for name, ids in texts.items()}
 
 
-def _done(results: dict, key: str, texts: Iterable[str]) -> bool:
-    return key in results and all(t in results[key].get("eval", {}) for t in texts)
+#: Settings a cached row must share with the run to be reused (``block_size`` only where a row rotates online).
+_ROW_SETTINGS = ("num_samples", "seq_len", "context", "tokens", "block_size")
+
+
+def _done(results: dict, key: str, texts: Iterable[str], meta: dict) -> bool:
+    """Whether ``results`` holds row ``key`` for every text, measured with this run's settings ``meta``.
+
+    The key names the quantization (bits, K, rounding, ...); the settings (calibration, context, evaluation tokens,
+    the online rotation block) are checked here, so a row of other settings is measured again, never reused.
+    """
+    row = results.get(key)
+    if row is None or not all(t in row.get("eval", {}) for t in texts):
+        return False
+    rotates_online = row.get("rotation", "none") != "none"
+    stale = [m for m in _ROW_SETTINGS if (m != "block_size" or rotates_online) and row.get(m) != meta[m]]
+    if stale:
+        logger.info("row %s was measured with other %s: measuring it again", key, ", ".join(stale))
+    return not stale
 
 
 def run_grid(
@@ -256,14 +272,14 @@ def run_grid(
     results = load_results(results_path)
     meta = {"num_samples": num_samples, "seq_len": seq_len, "context": context, "block_size": block_size,
             "tokens": {name: int(ids.numel()) for name, ids in texts.items()}}
-    if include_fp and not _done(results, FP_ROW, texts):
+    if include_fp and not _done(results, FP_ROW, texts, meta):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         results[FP_ROW] = {"method": FP_ROW, **dense_model_bits(model_dir),
                            "eval": _evaluate(model, texts, context, device, batch_size), **meta}
         save_results(results_path, results)
         del model
     for name, (path, bits) in (extra_models or {}).items():
-        if _done(results, name, texts):
+        if _done(results, name, texts, meta):
             continue
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         results[name] = {"method": name, **bits, "eval": _evaluate(model, texts, context, device, batch_size),
@@ -279,7 +295,7 @@ def run_grid(
 
     by_rotation: dict[str, list[GridPoint]] = {}
     for point in points:
-        if _done(results, point.key, texts):
+        if _done(results, point.key, texts, meta):
             continue
         if point.own_calibration:
             logger.info("row %s (its own calibration pass)", point.key)

@@ -145,6 +145,10 @@ def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
     # cached rows are not recomputed
     again = run_grid(model, points, {"t": ids}, path, **{**kwargs, "calibration_text": "unused"})
     assert again == saved
+    # a row measured with another online rotation block is measured again; rows without one are reused
+    other = run_grid(model, points, {"t": ids}, path, **{**kwargs, "block_size": 32})
+    assert other["fp16"] == saved["fp16"] and other[points[0].key] == saved[points[0].key]
+    assert other[points[1].key]["block_size"] == 32 and saved[points[1].key]["block_size"] == 64
 
 
 def load_reference_model_fp(model_dir: Path) -> torch.nn.Module:
