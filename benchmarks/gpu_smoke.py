@@ -55,7 +55,7 @@ def main() -> None:
         ref = reference_greedy(ckpt, prompt, 16)
         for i, o in enumerate(out):
             served = list(o.outputs[0].token_ids)
-            match = next((i for i, (a, b) in enumerate(zip(served, ref, strict=True)) if a != b), len(ref))
+            match = next((j for j, (a, b) in enumerate(zip(served, ref, strict=True)) if a != b), len(ref))
             if i == 0 or match < len(ref):
                 print(f"RESULT W{bits} request {i}: served {served}\nRESULT W{bits}: ref    {ref}\n"
                       f"RESULT W{bits} request {i}: matching prefix {match}/16 (vLLM fp16 + CUDA graphs vs "

@@ -3,8 +3,6 @@
 ``import rosaq_vllm`` does not import vLLM: the checkpoint module is usable without it.
 """
 
-from rosaq_kernels.machete import MACHETE_ENV
-
 _REGISTERED = False
 
 
@@ -13,6 +11,8 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from rosaq_kernels.machete import MACHETE_ENV
+
     import rosaq_vllm.config  # noqa: F401  (the decorator registers RosaqConfig)
 
     _declare_compile_env(MACHETE_ENV)
