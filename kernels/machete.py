@@ -10,7 +10,10 @@ layout (built once at load by :func:`machete_weights`; the checkpoint format is 
 
 The quantized part covers every input channel (the salient columns' codes are their zero points, so they
 dequantize to 0), so Machete sees a plain asymmetric ``uint4`` g64/g128 GEMM: AWQ's path in vLLM. The
-salient channels are one cuBLAS ``addmm`` into the same output. Machete's dequantization is
+salient channels are a second pass that adds their product into Machete's output: below
+:data:`SALIENT_KERNEL_MAX_M` rows one Triton launch that gathers their columns of ``x'`` itself
+(``rosaq_kernels.salient``), from there on ``index_select`` + cuBLAS ``addmm`` (the Triton kernel re-gathers ``x'``
+for every output tile, which costs more than one gather once the rows are many). Machete's dequantization is
 ``code · s + z`` with ``z = -zero · s`` rounded to the activation dtype, as vLLM does for AWQ.
 
 The cost is memory: the INT4 weights are held twice (Triton's tile layout for small M, Machete's for large
@@ -32,6 +35,9 @@ MACHETE_ENV = "ROSAQ_MACHETE"
 #: From this many rows (tokens) on, ``torch.ops.rosaq.linear`` sends a W4 layer to Machete (the H200 crossover of
 #: 2026-12-04 in BENCHMARKS.md: Triton 107 vs Machete path 131 µs per Llama-2-7B layer at 32 rows, 168 vs 145 at 64).
 MACHETE_MIN_M = 64
+#: Below this many rows the salient channels take the one-launch Triton epilogue, from here on index_select + addmm
+#: (H200, 2026-12-04, µs per Llama-2-7B layer: 19.4 vs 29.0 at 64 rows, 37.8 vs 35.7 at 256, BENCHMARKS.md).
+SALIENT_KERNEL_MAX_M = 256
 #: Group sizes Machete supports for fp16/bf16 activations (vLLM's ``query_machete_supported_group_sizes``).
 MACHETE_GROUP_SIZES = (64, 128)
 #: Machete's prepacked block: input channels must be a multiple of the first, outputs of the second.
@@ -106,12 +112,16 @@ def machete_linear(x: torch.Tensor, machete_qweight: torch.Tensor, machete_scale
     ``salient_idx`` int32 ``[S]``, ``salient_weight`` ``[N, S]`` (any strides; ``S`` may be 0), ``rot`` the
     online block rotation (activation dtype) or ``None``.
     """
+    from rosaq_kernels.salient import salient_addmm_
+
     if rot is not None:
         from rosaq_kernels.fused_linear import block_rotate
 
         x = block_rotate(x, rot)
     y = torch.ops._C.machete_mm(x, machete_qweight, _uint4_id(), None, machete_scales, machete_zeros, group_size,
                                 None, None, None)
+    if x.shape[0] < SALIENT_KERNEL_MAX_M:
+        return salient_addmm_(y, x, salient_idx, salient_weight)
     if salient_idx.numel():
         y.addmm_(x.index_select(1, salient_idx), salient_weight.t().to(x.dtype))
     return y

@@ -273,3 +273,27 @@ def test_tiles_per_step():
     assert tiles_per_step(3, 128, 64) == 1  # 64-row tiles: one tile per step
     assert [tiles_per_step(3, g, 1) for g in (32, 64, 160, 256, 320, 640)] == [1, 1, 1, 1, 1, 1]
     assert [tiles_per_step(4, g, 16) for g in (32, 128, 256, 512, 96)] == [1, 1, 1, 1, 1]
+
+
+@late
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("M,K,N,S", [(1, 96, 64, 16), (70, 256, 200, 40), (17, 128, 130, 0), (5, 512, 300, 200)])
+def test_salient_addmm_adds_the_salient_product_in_place(M, K, N, S, dtype):
+    """The Machete path's salient epilogue: ``y += x[:, idx] · wᵀ`` (S not a power of two, S over one chunk of
+    ``MAX_BLOCK_S``, N not a multiple of the tile, the column-major weights of ``prepare_weights``, a strided ``y``)
+    against float64."""
+    from rosaq_kernels.salient import salient_addmm_
+
+    gen = torch.Generator().manual_seed(M * 1000 + S)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    idx = torch.randperm(K, generator=gen)[:S].to(torch.int32)
+    w = (torch.randn(S, N, generator=gen) * 0.1).half().t()  # [N, S], column-major
+    base = torch.randn(M, 2 * N, generator=gen).to(dtype)
+    y = base[:, ::2]  # strided view: written in place
+    ref = base[:, ::2].double() + x.double()[:, idx.long()] @ w.double().t()
+    between = base[:, 1::2].clone()
+    assert salient_addmm_(y, x, idx, w) is y
+    assert torch.equal(base[:, 1::2], between)  # the columns in between are untouched
+    _check(y, ref, dtype)
+    with pytest.raises(ValueError, match="do not match"):
+        salient_addmm_(y, x[1:], idx, w)

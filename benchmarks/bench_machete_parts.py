@@ -1,0 +1,124 @@
+"""Where the time of the Machete path goes: its parts, timed one by one (run on a Hopper GPU with vLLM).
+
+    python benchmarks/bench_machete_parts.py --out parts.md
+
+For the four linears of a Llama-2-7B layer (1 % salient channels; down_proj with its online rotation in blocks of
+128) and each M, CUDA-graph medians (``bench_kernels.time_graph``, weights cycled through enough copies to stream
+from HBM) of:
+
+- ``machete``: ``machete_mm`` with the zero points (what the path runs; vLLM 0.26 has no ``uint4`` kernel without
+  them, ``vllm-machete`` below is ``uint4b8``); ``rotate``: the online block rotation (down_proj);
+- ``gather`` + ``addmm``: the salient channels as ``index_select`` + cuBLAS ``addmm`` (the path until 2026-12-04);
+  ``salient``: the same as one Triton launch (``rosaq_kernels.salient.salient_addmm_``);
+- ``path-addmm`` / ``path``: the whole large-M path with either salient epilogue; ``triton``: the fused kernel;
+- ``vllm-machete`` / ``vllm-marlin``: vLLM's own W4 (uint4b8, no zero points, no salient channels) g128 on a random
+  weight of the same shape (``bench_kernels.VllmKernels``), the baselines of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+import triton
+from bench_kernels import GROUP, ROT_BLOCK, VllmKernels, n_copies, rosaq_copies, salient_count, time_graph
+from rosaq_kernels.fused_linear import block_rotate, fused_linear
+from rosaq_kernels.machete import _uint4_id, machete_linear
+
+LAYER = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+MS = (16, 32, 64, 128, 256, 1024, 4096)
+#: Launch configs ``(BLOCK_M, BLOCK_N, num_warps)`` of the salient epilogue timed beside its default.
+SALIENT_CONFIGS = ((16, 128, 4), (64, 128, 4), (32, 64, 4), (32, 256, 8), (64, 256, 8))
+
+
+def _machete(x, p):
+    return torch.ops._C.machete_mm(x, p["machete_qweight"], _uint4_id(), None, p["machete_scales"],
+                                   p["machete_zeros"], GROUP, None, None, None)
+
+
+def _path_addmm(x, p):
+    """The large-M path as it was: rotation, Machete, ``index_select`` + ``addmm``."""
+    if p["rot"] is not None:
+        x = block_rotate(x, p["rot"])
+    y = _machete(x, p)
+    return y.addmm_(x.index_select(1, p["salient_idx"]), p["salient_weight"].t())
+
+
+def parts(p, baselines, M, K, N, gen) -> dict:
+    """µs of each part for one linear (``p``: the copies of one prepared layer; ``baselines``: name -> copies of
+    vLLM's W4 callables) at ``M`` rows."""
+    from rosaq_kernels.salient import salient_addmm_
+
+    x = torch.randn(M, K, dtype=torch.float16, device="cuda", generator=gen)
+    y = torch.randn(M, N, dtype=torch.float16, device="cuda", generator=gen)
+    xs = x.index_select(1, p[0]["salient_idx"])
+    fns = {
+        "machete": lambda q: _machete(x, q),
+        "gather": lambda q: x.index_select(1, q["salient_idx"]),
+        "addmm": lambda q: y.addmm_(xs, q["salient_weight"].t()),
+        "salient": lambda q: salient_addmm_(y, x, q["salient_idx"], q["salient_weight"]),
+        **{f"salient-{'x'.join(map(str, c))}": lambda q, c=c: salient_addmm_(y, x, q["salient_idx"],
+                                                                            q["salient_weight"], c)
+           for c in SALIENT_CONFIGS},
+        "path-addmm": lambda q: _path_addmm(x, q),
+        "path": lambda q: machete_linear(x, q["machete_qweight"], q["machete_scales"], q["machete_zeros"],
+                                         q["salient_idx"], q["salient_weight"], q["rot"], GROUP),
+        "triton": lambda q: fused_linear(x, q, 4, GROUP),
+    }
+    if p[0]["rot"] is not None:
+        fns["rotate"] = lambda q: block_rotate(x, q["rot"])
+    times = {name: time_graph([lambda f=f, q=q: f(q) for q in p]) for name, f in fns.items()}
+    times.update({name: time_graph([lambda f=f: f(x) for f in fl]) for name, fl in baselines.items()})
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--out", default=None, help="write the markdown report here too")
+    args = ap.parse_args()
+    import vllm
+
+    ms = [int(m) for m in args.ms.split(",")]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vk = VllmKernels()
+    times = {}  # (M, linear) -> {part: µs}
+    for name, (K, N) in LAYER.items():
+        w = torch.randn(K, N, dtype=torch.float16, device="cuda", generator=gen) / K**0.5
+        baselines = {f"vllm-{kind}": [getattr(vk, kind)(w) for _ in range(n_copies(N * K // 2))]
+                     for kind in ("machete", "marlin")}
+        del w
+        copies = rosaq_copies(K, N, 4, salient_count(K, 0.01), ROT_BLOCK.get(name, 0), gen)
+        if "machete_qweight" not in copies[0]:
+            raise SystemExit("no Machete copy of the weights: needs an sm_90 GPU and vLLM's ops")
+        for M in ms:
+            times[(M, name)] = parts(copies, baselines, M, K, N, gen)
+            print(M, name, {k: round(v, 1) for k, v in times[(M, name)].items()}, flush=True)
+        del copies, baselines
+        torch.cuda.empty_cache()
+    cols = ["machete", "rotate", "gather", "addmm", "salient", "path-addmm", "path", "triton",
+            "vllm-machete", "vllm-marlin"] + [f"salient-{'x'.join(map(str, c))}" for c in SALIENT_CONFIGS]
+    lines = [
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='minutes')}",
+        f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"vLLM {vllm.__version__}",
+        f"- command: python {' '.join(sys.argv)}",
+        "",
+        "| M | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for M in ms:
+        tot = {c: sum(times[(M, n)].get(c, 0.0) for n in LAYER) for c in cols}
+        lines.append(f"| {M} | " + " | ".join(f"{tot[c]:.1f}" for c in cols) + " |")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
