@@ -437,12 +437,17 @@ def main() -> int:
             f"- ROSAQ launch tables (max M, BM, BN, warps, stages, waves, swap, late scale): {dict(_CONFIGS)}"
         )
         bench(models, ms, vk, bw, lines)
+    write_report(lines, args.out)
+    return 0
+
+
+def write_report(lines: list[str], out: str | None) -> None:
+    """Print the markdown report, and write it to ``out`` too where given."""
     report = "\n".join(lines)
     print("\n" + report)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(report + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,11 +23,21 @@ import sys
 
 import torch
 import triton
-from bench_kernels import GROUP, ROT_BLOCK, VllmKernels, n_copies, rosaq_copies, salient_count, time_graph
+from bench_kernels import (
+    GROUP,
+    MODELS,
+    ROT_BLOCK,
+    VllmKernels,
+    n_copies,
+    rosaq_copies,
+    salient_count,
+    time_graph,
+    write_report,
+)
 from rosaq_kernels.fused_linear import block_rotate, fused_linear
 from rosaq_kernels.machete import _uint4_id, machete_linear
 
-LAYER = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+LAYER = MODELS["llama2-7b"]
 MS = (16, 32, 64, 128, 256, 1024, 4096)
 #: Launch configs ``(BLOCK_M, BLOCK_N, num_warps)`` of the salient epilogue timed beside its default.
 SALIENT_CONFIGS = ((16, 128, 4), (64, 128, 4), (32, 64, 4), (32, 256, 8), (64, 256, 8))
@@ -112,11 +122,7 @@ def main() -> int:
     for M in ms:
         tot = {c: sum(times[(M, n)].get(c, 0.0) for n in LAYER) for c in cols}
         lines.append(f"| {M} | " + " | ".join(f"{tot[c]:.1f}" for c in cols) + " |")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
+    write_report(lines, args.out)
     return 0
 
 
