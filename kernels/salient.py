@@ -12,11 +12,10 @@ accumulates in fp32 and adds into ``y`` in place: one launch instead of ``index_
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from rosaq_kernels.fused_linear import _interpreting
 
 #: Most salient channels gathered and multiplied at once (more are processed in chunks of this many).
 MAX_BLOCK_S = 128
@@ -90,7 +89,7 @@ def salient_addmm_(y: torch.Tensor, x: torch.Tensor, salient_idx: torch.Tensor, 
         x, salient_idx, salient_weight, y, M, N, S,
         x.stride(0), x.stride(1), salient_weight.stride(1), salient_weight.stride(0), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
-        FP32_DOT=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        FP32_DOT=x.dtype == torch.float32 or _interpreting(),
         num_warps=warps, num_stages=2,
     )  # fmt: skip
     return y
