@@ -104,12 +104,13 @@ def continuation_loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[s
             seq = encoded[i][0]
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logprobs = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32)).log_softmax(-1).cpu()
-        for row, i in enumerate(chunk):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for row, i in enumerate(chunk):  # log-softmax only where a continuation token is predicted
             seq, n_cont = encoded[i]
-            positions = torch.arange(len(seq) - n_cont, len(seq))
-            out[i] = logprobs[row, positions - 1, torch.tensor(seq)[positions]].double().sum().item()
+            predicting = logits[row, len(seq) - n_cont - 1 : len(seq) - 1]
+            logprobs = predicting.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+            targets = torch.tensor(seq[len(seq) - n_cont :], device=logprobs.device)
+            out[i] = logprobs.gather(1, targets[:, None]).double().sum().item()
     return out
 
 
