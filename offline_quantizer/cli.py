@@ -27,7 +27,8 @@ def _salient(value: str) -> float:
     return number
 
 
-def quantize_main(argv: list[str] | None = None) -> None:
+def quantize_parser() -> argparse.ArgumentParser:
+    """The arguments of ``rosaq-quantize``."""
     parser = argparse.ArgumentParser(prog="rosaq-quantize", description="Quantize a Hugging Face causal LM "
                                      "(Llama / Qwen2 / Mistral) to a ROSAQ checkpoint.")
     parser.add_argument("model", help="Hugging Face model directory")
@@ -60,15 +61,33 @@ def quantize_main(argv: list[str] | None = None) -> None:
                         help="with --gptq: round columns by decreasing second moment (group parameters fixed first)")
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="calibrate each layer on the outputs of the earlier layers once quantized")
-    parser.add_argument("--complement", choices=COMPLEMENTS, default="pca",
-                        help="basis of the quantized channels: the PCA basis, or 'random': its non-salient "
-                             "directions mixed by a random orthogonal matrix (incoherent, as QuaRot)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--complement", choices=COMPLEMENTS, default=None,
+                        help="basis of the quantized channels: 'random' (default with a rotation): the non-salient "
+                             "directions of every PCA basis mixed by a random orthogonal matrix, so that GPTQ has "
+                             "correlations to compensate with (in a PCA basis it has none); 'pca': the PCA basis "
+                             "itself. Not applicable to --rotation none")
+    return parser
+
+
+def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
+    """The :class:`QuantizeOptions` of parsed ``rosaq-quantize`` arguments (defaults resolved, validated)."""
+    complement = args.complement or ("pca" if args.rotation == "none" else "random")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.gptq and args.act_order,
-                           sequential=args.sequential, complement=args.complement)
+                           sequential=args.sequential, complement=complement)
+    opts.quant_config()
+    return opts
+
+
+def quantize_main(argv: list[str] | None = None) -> None:
+    parser = quantize_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opts = quantize_options(args)
+    except ValueError as err:
+        parser.error(str(err))
     import torch
 
     on_cuda = torch.device(args.device).type == "cuda"

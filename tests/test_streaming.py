@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offline_quantizer.calibration import token_batches
-from offline_quantizer.cli import quantize_main
+from offline_quantizer.cli import quantize_main, quantize_options, quantize_parser
 from offline_quantizer.pipeline import QuantizeOptions, _hf_dtype, quantize_checkpoint, quantize_model
 from rosaq_vllm.checkpoint import validate_checkpoint, write_tensors
 from tests.tiny_models import calibration_corpus
@@ -139,3 +139,19 @@ def test_cli_reports_elapsed_time(tiny_model_dir, tmp_path: Path, capsys) -> Non
     validate_checkpoint(out)
     report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rosaq-quantize:")]
     assert len(report) == 1 and report[0].endswith(" s"), report
+
+
+def test_cli_complement_default_follows_the_rotation(capsys) -> None:
+    parser = quantize_parser()
+
+    def complement(*flags: str) -> str:
+        return quantize_options(parser.parse_args(["model", "out", *flags])).complement
+
+    assert complement() == "random"
+    assert complement("--rotation", "per-layer") == "random"
+    assert complement("--rotation", "none") == "pca"
+    assert complement("--complement", "pca") == "pca"
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_main(["model", "out", "--rotation", "none", "--complement", "random"])
+    assert exit_info.value.code == 2
+    assert "rotation 'none' has none" in capsys.readouterr().err
