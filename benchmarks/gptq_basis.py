@@ -43,18 +43,20 @@ def site_bases(moment: torch.Tensor, num_salient: int) -> dict[str, torch.Tensor
             "pca+mix": mix_complement(pca[None], principal[None])[0], "random": random_orthogonal(k)}
 
 
-def relative_error(weight: torch.Tensor, moment: torch.Tensor, basis: torch.Tensor, num_salient: int, bits: int,
-                   group_size: int, gptq: bool) -> float:
-    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of ``weight [N, K]`` quantized in input basis ``basis`` (all float64)."""
+def relative_errors(weight: torch.Tensor, moment: torch.Tensor, basis: torch.Tensor, num_salient: int, bits: int,
+                    group_size: int) -> tuple[float, float]:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of ``weight [N, K]`` quantized in input basis ``basis`` (all float64), by
+    round-to-nearest and by GPTQ with activation order (the same salient channels and rotated operands for both)."""
     w = weight @ basis
     h = basis.t() @ moment @ basis
     salient_idx = select_salient(torch.diagonal(h), num_salient)
-    if gptq:
-        parts = gptq_quantize_linear(w, h, salient_idx, bits, group_size, act_order=True)
-    else:
-        parts = quantize_linear(w, salient_idx, bits, group_size)
-    delta = effective_weight(parts, bits, group_size).to(torch.float64) - w
-    return (torch.trace(delta @ h @ delta.t()) / torch.trace(w @ h @ w.t())).item()
+    reference = torch.trace(w @ h @ w.t())
+    errors = []
+    for parts in (quantize_linear(w, salient_idx, bits, group_size),
+                  gptq_quantize_linear(w, h, salient_idx, bits, group_size, act_order=True)):
+        delta = effective_weight(parts, bits, group_size).to(torch.float64) - w
+        errors.append((torch.trace(delta @ h @ delta.t()) / reference).item())
+    return errors[0], errors[1]
 
 
 @torch.no_grad()
@@ -90,8 +92,8 @@ def main() -> None:
                     for basis_name, basis in site_bases(moment, num_salient).items():
                         for name in projections:
                             weight = adapter.projection(layer, name).weight.to(torch.float64)
-                            for gptq in (False, True):
-                                err = relative_error(weight, moment, basis, num_salient, args.bits, group_size, gptq)
+                            pair = relative_errors(weight, moment, basis, num_salient, args.bits, group_size)
+                            for gptq, err in zip((False, True), pair, strict=True):
                                 errors[(name, fraction, basis_name, gptq)].append(err)
             print(f"layer {index} done", flush=True)
         inputs = run_layer(layer, inputs)

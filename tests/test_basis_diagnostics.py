@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.gptq_basis import relative_error, site_bases
+from benchmarks.gptq_basis import relative_errors, site_bases
 from benchmarks.grid_alignment import distinct_fraction, relative_rtn_error
 
 
@@ -40,11 +40,9 @@ def test_gptq_equals_rtn_in_the_pca_basis_and_beats_it_in_the_original_basis():
     weight = torch.randn(n, k, generator=gen, dtype=torch.float64)
     bases = site_bases(moment, num_salient=16)
     for num_salient in (0, 16):
-        rtn_pca = relative_error(weight, moment, bases["pca"], num_salient, 3, 32, gptq=False)
-        gptq_pca = relative_error(weight, moment, bases["pca"], num_salient, 3, 32, gptq=True)
+        rtn_pca, gptq_pca = relative_errors(weight, moment, bases["pca"], num_salient, 3, 32)
         assert abs(gptq_pca - rtn_pca) <= 1e-9 * rtn_pca  # H is diagonal there: nothing to compensate
-        rtn = relative_error(weight, moment, bases["original"], num_salient, 3, 32, gptq=False)
-        gptq = relative_error(weight, moment, bases["original"], num_salient, 3, 32, gptq=True)
+        rtn, gptq = relative_errors(weight, moment, bases["original"], num_salient, 3, 32)
         assert 0 < gptq < 0.8 * rtn
     # mixing the complement keeps the salient (principal) subspace: the 16 largest-energy channels span it
     mixed = bases["pca+mix"]
