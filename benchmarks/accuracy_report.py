@@ -69,7 +69,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     for key, row in results.items():
         if key == "fp16":
             continue
-        parts = key.split("|")  # rotation, W/g, K, rounding, flags ("ao", "seq", "mix")
+        parts = key.split("|")  # rotation, W/g, K, rounding, flags ("ao", "seq", "mix", "mix-novo")
         name = parts[0] if key.startswith("llmc-") else f"{LABELS[parts[0]]} {'+'.join(parts[3:])}"
         bits = row.get("bits_format2", row["bits"])  # rows measured before format 2: their format-2 bits
         series.setdefault(name, []).append((bits, row["eval"][text]["ppl"]))

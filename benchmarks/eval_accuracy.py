@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from offline_quantizer import assets  # noqa: E402
 from offline_quantizer.accuracy import grid_points, load_results, run_grid  # noqa: E402
 from offline_quantizer.multiple_choice import TASKS, fetch_tasks  # noqa: E402
+from offline_quantizer.pipeline import COMPLEMENTS  # noqa: E402
 
 logger = logging.getLogger("eval_accuracy")
 WIKITEXT = Path(os.environ.get("ROSAQ_WIKITEXT", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -159,7 +160,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128, help="online rotation block (0: whole input)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
     parser.add_argument("--sequential", action="store_true", help="rows calibrated on their own quantized layers")
-    parser.add_argument("--complement", choices=("pca", "random"), default="pca",
+    parser.add_argument("--complement", choices=COMPLEMENTS, default="pca",
                         help="basis of the quantized channels of the rotated rows (rosaq-quantize --complement)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))

@@ -60,7 +60,7 @@ class GridPoint:
         k = f"{self.salient:g}"
         key = f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
         return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
-                + ("|mix" if self.complement == "random" else ""))
+                + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement])
 
     @property
     def own_calibration(self) -> bool:

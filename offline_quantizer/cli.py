@@ -64,7 +64,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--complement", choices=COMPLEMENTS, default=None,
                         help="basis of the quantized channels: 'random' (default with a rotation): the non-salient "
                              "directions of every PCA basis mixed by a random orthogonal matrix, so that GPTQ has "
-                             "correlations to compensate with (in a PCA basis it has none); 'pca': the PCA basis "
+                             "correlations to compensate with (in a PCA basis it has none); 'random-except-vo': the "
+                             "same but the per-head V/O bases (o_proj's input) stay PCA; 'pca': the PCA basis "
                              "itself. Not applicable to --rotation none")
     return parser
 

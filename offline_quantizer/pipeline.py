@@ -58,8 +58,11 @@ SITES = {
     "mlp_out": ("down_proj", ("down_proj",)),
 }
 ONLINE_ROTATION = {"absorbed": ("down_proj",), "per-layer": QUANTIZED_LINEARS, "none": ()}
-#: bases of the quantized (non-salient) channels: the PCA basis itself, or its random mix (incoherent channels)
-COMPLEMENTS = ("pca", "random")
+#: basis of the quantized (non-salient) channels -> the rotation sites whose PCA basis is mixed by a random orthogonal
+#: matrix there (incoherent channels, see mix_complement); the other sites keep the PCA basis itself. "random-except-vo"
+#: leaves the per-head V/O bases (site "attn_out") unmixed: mixing them cost the most perplexity (docs/accuracy.md).
+MIXED_SITES = {"pca": (), "random": ("residual", "attn_out", "mlp_out"), "random-except-vo": ("residual", "mlp_out")}
+COMPLEMENTS = tuple(MIXED_SITES)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class QuantizeOptions:
     gptq: bool = False  # error-compensating (GPTQ) rounding in each linear's final basis; needs full moments
     act_order: bool = False  # GPTQ: round columns by decreasing second moment (group parameters fixed first)
     sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*
-    complement: str = "pca"  # basis of the quantized channels: "pca", or "random" (mixed: see mix_complement)
+    complement: str = "pca"  # basis of the quantized channels, one of COMPLEMENTS (mixed at MIXED_SITES[complement])
 
     @property
     def folds_norms(self) -> bool:
@@ -90,8 +93,9 @@ class QuantizeOptions:
         """The checkpoint's ``quantization_config`` (validates the options)."""
         if self.complement not in COMPLEMENTS:
             raise ValueError(f"complement must be one of {COMPLEMENTS}, got {self.complement!r}")
-        if self.complement == "random" and self.rotation == "none":
-            raise ValueError("complement='random' mixes a rotation's quantized channels; rotation 'none' has none")
+        if self.complement != "pca" and self.rotation == "none":
+            raise ValueError(f"complement={self.complement!r} mixes a rotation's quantized channels; rotation 'none' "
+                             "has none")
         is_fraction = self.salient < 1
         return RosaqQuantConfig(
             bits=self.bits,
@@ -208,7 +212,7 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeO
     Channels with massive activations (:func:`outlier_channels` of the residual stream's peak magnitudes)
     keep their own axis: rotating them would spread one huge coordinate, and the weights that write it,
     over every channel. The other channels get the PCA basis of the normalized inputs of every attention
-    and MLP block, summed over layers; with ``opts.complement == "random"`` all but the principal directions
+    and MLP block, summed over layers; with a mixed ``opts.complement`` all but the principal directions
     (as many as a linear of width ``d`` keeps salient) are then mixed (:func:`incoherent_complement`).
     """
     total = None
@@ -229,13 +233,15 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeO
     basis = torch.zeros_like(total[0])
     basis[outliers, outliers] = 1.0
     basis[rest.unsqueeze(1), rest.unsqueeze(0)] = pca_basis(total[:, rest][:, :, rest], opts.damping)[0]
-    return incoherent_complement(basis[None], total, ~keep, opts)[0]
+    return incoherent_complement(basis[None], total, ~keep, opts, "residual")[0]
 
 
 def incoherent_complement(
-    basis: torch.Tensor, moment: torch.Tensor, outliers: torch.Tensor, opts: QuantizeOptions, group: int = 1
+    basis: torch.Tensor, moment: torch.Tensor, outliers: torch.Tensor, opts: QuantizeOptions, site: str,
+    group: int = 1,
 ) -> torch.Tensor:
-    """``basis`` with its quantized channels mixed (``opts.complement == "random"``), else ``basis`` itself.
+    """``basis`` with its quantized channels mixed where ``opts.complement`` mixes ``site`` (:data:`MIXED_SITES`:
+    "residual", "attn_out" or "mlp_out"), else ``basis`` itself.
 
     The principal channels are those the salient selection will keep: the ``num_salient_for(d)`` of largest
     energy in ``basis`` and every outlier channel; the rest of each block is mixed by :func:`mix_complement`.
@@ -246,7 +252,7 @@ def incoherent_complement(
             query heads of one KV head).
         outliers: bool ``[nb · group · B]`` channels that are always salient.
     """
-    if opts.complement != "random":
+    if site not in MIXED_SITES[opts.complement]:
         return basis
     energy = rotated_energy(moment, basis.repeat_interleave(group, dim=0))
     energy = torch.where(outliers, torch.inf, energy)
@@ -304,7 +310,7 @@ def rotate_layer(
         rot = None
         final_basis = None  # dense rotation of this site's input (None: identity), for the GPTQ Hessian
         if opts.rotation == "per-layer":
-            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts)
+            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts, site)
             final_basis = block_diag(basis)
             for name in projections:
                 rotate_input(adapter.projection(layer, name), final_basis)
@@ -316,13 +322,13 @@ def rotate_layer(
             per_kv_keep = keep_axis.view(shape.num_kv_heads, group, shape.head_dim).any(1)
             outliers = per_kv_keep.repeat_interleave(group, dim=0).reshape(-1)
             head_bases = incoherent_complement(pca_basis(per_kv, opts.damping, per_kv_keep), moment, outliers, opts,
-                                               group)
+                                               site, group)
             rotate_value_output(adapter.projection(layer, "v_proj"), adapter.projection(layer, "o_proj"),
                                 head_bases, shape.num_heads)
             energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
             final_basis = block_diag(head_bases.repeat_interleave(group, dim=0))
         elif opts.rotation == "absorbed" and site == "mlp_out":
-            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts)
+            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts, site)
             final_basis = block_diag(basis)
             rotate_input(adapter.projection(layer, "down_proj"), final_basis)
             rot, energy = basis, rotated_energy(moment, basis)

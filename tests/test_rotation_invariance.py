@@ -31,9 +31,9 @@ class _RotatedFloatLinear(nn.Module):
 
 _CASES = [(arch, rotation, dtype, "pca") for arch in ("llama", "qwen2", "mistral")
           for rotation in ("absorbed", "per-layer", "none") for dtype in (torch.float64, torch.float32)]
-# the mixed complement: every site's basis changes (qwen2's tiny model has grouped KV heads)
-_CASES += [(arch, rotation, torch.float64, "random") for arch in ("llama", "qwen2")
-           for rotation in ("absorbed", "per-layer")]
+# the mixed complements: every site's basis changes, or all but the V/O heads' (qwen2's tiny model has grouped KV heads)
+_CASES += [(arch, rotation, torch.float64, complement) for arch in ("llama", "qwen2")
+           for rotation in ("absorbed", "per-layer") for complement in ("random", "random-except-vo")]
 _CASES = [(*case, 64) for case in _CASES]
 # block size 0: one online block over the whole input (down_proj for absorbed, every site for per-layer)
 _CASES += [("llama", rotation, torch.float64, "pca", 0) for rotation in ("absorbed", "per-layer")]
@@ -118,7 +118,7 @@ def test_incoherent_complement_keeps_the_salient_selection(group: int) -> None:
     outliers = torch.zeros(nb * group * size, dtype=torch.bool)
     outliers[size + 40] = True  # a low-energy channel that must stay salient anyway
     opts = QuantizeOptions(group_size=32, salient=16, rotation="per-layer", complement="random")
-    mixed = incoherent_complement(basis, moment, outliers, opts, group)
+    mixed = incoherent_complement(basis, moment, outliers, opts, "mlp_out", group)
 
     def top(b: torch.Tensor) -> set[int]:
         energy = torch.where(outliers, torch.inf, rotated_energy(moment, b.repeat_interleave(group, dim=0)))
@@ -126,11 +126,25 @@ def test_incoherent_complement_keeps_the_salient_selection(group: int) -> None:
 
     assert top(mixed) == top(basis)
     assert not torch.allclose(mixed, basis)
-    assert incoherent_complement(basis, moment, outliers, QuantizeOptions(salient=16)) is basis
+    assert incoherent_complement(basis, moment, outliers, QuantizeOptions(salient=16), "mlp_out", group) is basis
 
 
-def test_random_complement_needs_a_rotation() -> None:
+@pytest.mark.parametrize(("complement", "mixed_sites"), [("random", {"residual", "attn_out", "mlp_out"}),
+                                                         ("random-except-vo", {"residual", "mlp_out"})])
+def test_complement_mixes_only_its_sites(complement: str, mixed_sites: set[str]) -> None:
+    """``random-except-vo`` keeps the PCA basis of the V/O heads ("attn_out") and mixes the other sites."""
+    moment = _moments(2, 64, seed=5)
+    basis = pca_basis(moment)
+    outliers = torch.zeros(2 * 64, dtype=torch.bool)
+    opts = QuantizeOptions(group_size=32, salient=16, rotation="absorbed", complement=complement)
+    for site in ("residual", "attn_out", "mlp_out"):
+        unchanged = incoherent_complement(basis, moment, outliers, opts, site) is basis
+        assert unchanged == (site not in mixed_sites), site
+
+
+@pytest.mark.parametrize("complement", ["random", "random-except-vo"])
+def test_mixed_complement_needs_a_rotation(complement: str) -> None:
     with pytest.raises(ValueError, match="rotation 'none'"):
-        QuantizeOptions(rotation="none", complement="random").quant_config()
+        QuantizeOptions(rotation="none", complement=complement).quant_config()
     with pytest.raises(ValueError, match="complement must be one of"):
         QuantizeOptions(complement="hadamard").quant_config()
