@@ -179,14 +179,15 @@ def checkpoint_bits(tensors: dict[str, torch.Tensor], bits: int) -> dict:
     """Average stored bits per weight of the quantized projections, counted from the tensors.
 
     ``bits``: codes (full width), fp16 scales, zero points (packed at the code width), fp16 salient columns
-    and their int32 indices; ``bits_with_rot`` adds the float32 online rotations. ``salient``: the salient counts per
+    and their int32 indices; ``bits_with_rot`` adds the float32 online rotations. Biases are left out, as in
+    ``benchmarks/llmc_baseline.py``'s count of AWQ/GPTQ checkpoints. ``salient``: the salient counts per
     input width (``{K: [S, ...]}``, distinct values).
     """
     weights = stored = rot = 0
     salient: dict[int, set[int]] = {}
     for name, tensor in tensors.items():
         prefix, _, suffix = name.rpartition(".")
-        if prefix.rsplit(".", 1)[-1] not in QUANTIZED_LINEARS:
+        if prefix.rsplit(".", 1)[-1] not in QUANTIZED_LINEARS or suffix == "bias":
             continue
         nbytes = tensor.numel() * tensor.element_size()
         if suffix == "rot":

@@ -53,6 +53,7 @@ def test_checkpoint_bits_counts_the_tensors() -> None:
     weight = torch.randn(64, 256)
     parts = quantize_linear(weight, torch.arange(16, dtype=torch.int32), 4, 64)
     tensors = {f"model.layers.0.mlp.down_proj.{k}": v for k, v in parts.items()}
+    tensors["model.layers.0.mlp.down_proj.bias"] = torch.randn(64)  # not weight bits (AWQ's count leaves it out)
     bits = checkpoint_bits(tensors, 4)
     expected = 4 + 16 * 16 / 256 + (16 + 4) / 64 + 32 * 16 / (64 * 256)  # zero points at 4 bits
     assert bits["bits"] == pytest.approx(expected)
