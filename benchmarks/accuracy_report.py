@@ -1,7 +1,7 @@
 """Tables (markdown) and the perplexity-vs-bits plot of the accuracy results JSON files.
 
-Usage: python benchmarks/accuracy_report.py bench_runs/accuracy-smollm2.json [--plot docs/accuracy-smollm2.png]
-(the plot needs matplotlib, e.g. from .venv-llmc).
+Usage: python benchmarks/accuracy_report.py bench_runs/accuracy-smollm2.json [MORE.json ...]
+[--plot docs/accuracy-smollm2.png] (several files: their rows together, a later file's row winning on the same key; the plot needs matplotlib).
 """
 
 import argparse
@@ -88,11 +88,11 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+")
     parser.add_argument("--plot")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
-    results = json.loads(Path(args.results).read_text())
+    results = {key: row for path in args.results for key, row in json.loads(Path(path).read_text()).items()}
     print(table(results))
     if args.plot:
         plot(results, Path(args.plot), args.title)
