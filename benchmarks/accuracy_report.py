@@ -1,7 +1,8 @@
 """Tables (markdown) and the perplexity-vs-bits plot of the accuracy results JSON files.
 
 Usage: python benchmarks/accuracy_report.py bench_runs/accuracy-smollm2.json [MORE.json ...]
-[--plot docs/accuracy-smollm2.png] (several files: their rows together, a later file's row winning on the same key; the plot needs matplotlib).
+[--plot docs/accuracy-smollm2.png]
+Several files: their rows together, a later file's row winning on the same key. The plot needs matplotlib.
 """
 
 import argparse
