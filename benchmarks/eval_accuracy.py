@@ -70,7 +70,7 @@ def stage_grid(args: argparse.Namespace) -> None:
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential,
-                         args.complement)
+                         args.complement, args.clip)
     run_grid(
         directory,
         points,
@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="rows calibrated on their own quantized layers")
     parser.add_argument("--complement", choices=COMPLEMENTS, default="pca",
                         help="basis of the quantized channels of the rotated rows (rosaq-quantize --complement)")
+    parser.add_argument("--clip", action="store_true", help="clip-searched group ranges (rosaq-quantize --clip)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
     parser.add_argument("--work", default="bench_runs/llmc")

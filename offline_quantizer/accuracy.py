@@ -54,13 +54,15 @@ class GridPoint:
     act_order: bool = False  # GPTQ columns by decreasing second moment (QuantizeOptions.act_order)
     sequential: bool = False  # calibrated on the quantized earlier layers (QuantizeOptions.sequential)
     complement: str = "pca"  # basis of the quantized channels (QuantizeOptions.complement)
+    clip: bool = False  # clip-searched group ranges (QuantizeOptions.clip)
 
     @property
     def key(self) -> str:
         k = f"{self.salient:g}"
         key = f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
         return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
-                + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement])
+                + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
+                + ("|clip" if self.clip else ""))
 
     @property
     def own_calibration(self) -> bool:
@@ -71,17 +73,18 @@ class GridPoint:
     def options(self, block_size: int) -> QuantizeOptions:
         return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
                                rotation=self.rotation, block_size=block_size, gptq=self.gptq,
-                               act_order=self.act_order, sequential=self.sequential, complement=self.complement)
+                               act_order=self.act_order, sequential=self.sequential, complement=self.complement,
+                               clip=self.clip)
 
 
 def grid_points(
     rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
-    act_order: bool = False, sequential: bool = False, complement: str = "pca",
+    act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False,
 ) -> list[GridPoint]:
     """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
     only on rotated rows (the original space has no basis to mix)."""
     return [
-        GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca")
+        GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca", clip)
         for r in rotations for b in bits for k in salient for g in gptq
     ]
 

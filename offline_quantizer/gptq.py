@@ -8,30 +8,22 @@ with ``act_order``, by decreasing ``H_kk`` with every group's scale and zero poi
 the original weights (GPTQ's "static" activation order, llm-compressor's default: the columns that matter
 most are rounded first, while the most error can still be compensated). The salient columns go last:
 they are never rounded, so they absorb the accumulated compensation exactly (as OWQ does with its fp16
-"weak columns"). The grid is that of :func:`quantize.quantize_groups`
-(asymmetric min/max per group, range including 0, fp16 scales, packed zero points), so the output is an ordinary
-ROSAQ linear. In a basis where ``H`` is diagonal (``per-layer``: each site's own PCA basis) the updates
+"weak columns"). The grid is that of :func:`quantize.group_params`
+(asymmetric per group, range including 0, min/max or clip-searched, fp16 scales, packed zero points), so the output
+is an ordinary ROSAQ linear. In a basis where ``H`` is diagonal (``per-layer``: each site's own PCA basis) the updates
 vanish and GPTQ equals round-to-nearest.
 """
 
 import torch
 from rosaq_kernels.packing import pack, pack_zeros
 
-
-def _group_params(values: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16-rounded scale and zero point (float64 ``[N]``) of a group, as in ``quantize_groups``."""
-    w_min = values.amin(-1).clamp(max=0)
-    w_max = values.amax(-1).clamp(min=0)
-    scale = ((w_max - w_min) / qmax).to(torch.float16)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float64)
-    zero = torch.round(-w_min / scale).clamp(0, qmax)
-    return scale, zero
+from offline_quantizer.quantize import group_params
 
 
 @torch.no_grad()
 def gptq_quantize_linear(
     weight: torch.Tensor, hessian: torch.Tensor, salient_idx: torch.Tensor, bits: int, group_size: int,
-    damping: float = 0.01, block: int = 128, act_order: bool = False,
+    damping: float = 0.01, block: int = 128, act_order: bool = False, clip: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Checkpoint tensors of one linear (as :func:`quantize.quantize_linear`) with GPTQ rounding.
 
@@ -42,6 +34,7 @@ def gptq_quantize_linear(
         damping: added to the diagonal of ``hessian`` as a fraction of its mean.
         act_order: round the non-salient columns by decreasing ``hessian`` diagonal, with group parameters
             from the original weights (see the module docstring).
+        clip: search each group's range (:func:`quantize.group_params`) instead of its min/max.
     """
     n_rows, k = weight.shape
     if k % group_size:
@@ -64,7 +57,7 @@ def gptq_quantize_linear(
     if act_order:
         quantized = quantized[torch.argsort(torch.diagonal(h)[quantized], descending=True, stable=True)]
         # min/max over each group's non-salient weights (salient ones read as 0)
-        scales, zeros = _group_params(w.masked_fill(is_salient, 0.0).view(n_rows, n_groups, group_size), qmax)
+        scales, zeros = group_params(w.masked_fill(is_salient, 0.0).view(n_rows, n_groups, group_size), qmax, clip)
         have_params[:] = True
     order = torch.cat([quantized, sal])
     n_quant = k - sal.numel()
@@ -87,7 +80,7 @@ def gptq_quantize_linear(
                 # the non-salient columns of group g are contiguous in the permuted order, starting here
                 end = i1 + i + int((~is_salient[g * group_size:(g + 1) * group_size]).sum())
                 values = torch.cat([w1[:, i:], w[:, i2:end]], dim=1) if end > i2 else w1[:, i:end - i1]
-                scales[:, g], zeros[:, g] = _group_params(values, qmax)
+                scales[:, g], zeros[:, g] = group_params(values, qmax, clip)
                 have_params[g] = True
             s, z = scales[:, g], zeros[:, g]
             q = (torch.round(w1[:, i] / s) + z).clamp(0, qmax)

@@ -80,6 +80,7 @@ class QuantizeOptions:
     act_order: bool = False  # GPTQ: round columns by decreasing second moment (group parameters fixed first)
     sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*
     complement: str = "pca"  # basis of the quantized channels, one of COMPLEMENTS (mixed at MIXED_SITES[complement])
+    clip: bool = False  # search each group's range (quantize.group_params) instead of its min/max
 
     @property
     def folds_norms(self) -> bool:
@@ -458,9 +459,9 @@ def quantize_rotated_linear(rotated: RotatedLinear, opts: QuantizeOptions) -> di
         if rotated.hessian is None:
             raise ValueError("gptq needs the full second moment of every site (record with gptq=True)")
         parts = gptq_quantize_linear(rotated.weight, rotated.hessian.to(rotated.weight.device), salient_idx, cfg.bits,
-                                     cfg.group_size, opts.damping, act_order=opts.act_order)
+                                     cfg.group_size, opts.damping, act_order=opts.act_order, clip=opts.clip)
     else:
-        parts = quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size)
+        parts = quantize_linear(rotated.weight, salient_idx, cfg.bits, cfg.group_size, opts.clip)
     parts = {suffix: tensor.cpu() for suffix, tensor in parts.items()}
     if rotated.rot is not None:
         parts["rot"] = rotated.rot.to(torch.float32).cpu()

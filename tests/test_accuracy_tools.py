@@ -85,6 +85,27 @@ def test_gptq_lowers_output_error_and_equals_rtn_for_diagonal_moments() -> None:
         assert torch.equal(diagonal[key], tensor), key
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_clip_search_uses_the_clipped_grid(act_order: bool) -> None:
+    """With diagonal moments GPTQ compensates nothing, so with ``clip`` its tensors are clip-searched RTN's (which
+    differ from min/max RTN's); with full moments its output error stays below clip-searched RTN's."""
+    torch.manual_seed(2)
+    n, k, g = 64, 192, 32
+    w = torch.distributions.StudentT(3.0).sample((n, k)).to(torch.float64)
+    x = torch.randn(2048, k, dtype=torch.float64) @ (0.3 * torch.randn(k, k, dtype=torch.float64))
+    h = x.t() @ x / x.shape[0]
+    salient = torch.topk(torch.diagonal(h), 8).indices.sort().values.to(torch.int32)
+    rtn_clip = quantize_linear(w, salient, 3, g, clip=True)
+    assert not torch.equal(rtn_clip["scales"], quantize_linear(w, salient, 3, g)["scales"])
+    diagonal = gptq_quantize_linear(w, torch.diag(torch.diagonal(h)), salient, 3, g, act_order=act_order, clip=True)
+    for key, tensor in rtn_clip.items():
+        assert torch.equal(diagonal[key], tensor), key
+    full = gptq_quantize_linear(w, h, salient, 3, g, act_order=act_order, clip=True)
+    errors = {name: (x @ (_effective(parts, 3, g) - w).t()).pow(2).mean().item()
+              for name, parts in (("rtn", rtn_clip), ("gptq", full))}
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+
+
 def test_gptq_act_order_rounds_by_second_moment_with_fixed_group_parameters() -> None:
     """Act order: group parameters are those of RTN on the original weights; the output error stays below RTN's;
     with diagonal moments nothing is compensated, so the codes are RTN's too."""

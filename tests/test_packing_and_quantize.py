@@ -5,7 +5,7 @@ import torch
 from rosaq_kernels.packing import pack, pack_zeros, packed_width, unpack, unpack_zeros
 from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
 
-from offline_quantizer.quantize import quantize_groups, quantize_linear
+from offline_quantizer.quantize import CLIP_NORM, CLIP_SHRINKS, group_params, quantize_groups, quantize_linear
 from offline_quantizer.saliency import select_salient
 
 
@@ -49,6 +49,43 @@ def test_group_quantization_error_within_half_step(bits: int) -> None:
     deq = dequantize(pack(codes, bits), scales, zeros, bits, 64).to(torch.float64)
     step = scales.to(torch.float64).repeat_interleave(64, dim=1)
     assert ((deq - weight).abs() <= step / 2 * (1 + 1e-3) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_clip_search_picks_the_least_error_shrink_of_every_group(bits: int) -> None:
+    """Heavy-tailed groups (Student-t weights): every group's clip-searched grid is the best of the candidate shrinks,
+    recomputed here group by group in plain Python, and never worse than min/max; the quantizer uses it."""
+    torch.manual_seed(bits)
+    weight = torch.distributions.StudentT(3.0).sample((12, 4 * 64)).to(torch.float64)
+    qmax = 2**bits - 1
+    groups = weight.view(12, 4, 64)
+    scale, zero = group_params(groups, qmax, clip=True)
+    minmax_scale, minmax_zero = group_params(groups, qmax)
+
+    def error(values: list[float], s: float, z: float) -> float:
+        return sum(abs((min(max(round(v / s) + z, 0), qmax) - z) * s - v) ** CLIP_NORM for v in values)
+
+    shrunk = 0
+    for row in range(12):
+        for g in range(4):
+            values = groups[row, g].tolist()
+            lo, hi = min(min(values), 0.0), max(max(values), 0.0)
+            best = min(
+                error(values, s, min(max(round(-lo * p / s), 0), qmax))
+                for p in CLIP_SHRINKS
+                for s in [float(torch.tensor((hi - lo) * p / qmax).half())]
+            )
+            chosen = error(values, scale[row, g].item(), zero[row, g].item())
+            assert chosen == pytest.approx(best, rel=1e-9)
+            assert chosen <= error(values, minmax_scale[row, g].item(), minmax_zero[row, g].item()) * (1 + 1e-12)
+            shrunk += scale[row, g].item() < minmax_scale[row, g].item()
+    assert shrunk > 0  # heavy tails: clipping pays somewhere
+    codes, scales, zeros = quantize_groups(weight, bits, 64, clip=True)
+    assert torch.equal(scales, scale.to(torch.float16)) and torch.equal(zeros, zero.to(torch.uint8))
+    deq = dequantize(pack(codes, bits), scales, zeros, bits, 64).to(torch.float64)
+    plain = quantize_groups(weight, bits, 64)
+    deq_plain = dequantize(pack(plain[0], bits), plain[1], plain[2], bits, 64).to(torch.float64)
+    assert (deq - weight).abs().pow(CLIP_NORM).sum() < (deq_plain - weight).abs().pow(CLIP_NORM).sum()
 
 
 def test_group_size_not_dividing_input_is_an_error() -> None:
