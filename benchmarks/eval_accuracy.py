@@ -70,7 +70,7 @@ def stage_grid(args: argparse.Namespace) -> None:
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential,
-                         args.complement, args.clip)
+                         args.complement, args.clip, args.seed)
     run_grid(
         directory,
         points,
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--complement", choices=COMPLEMENTS, default="pca",
                         help="basis of the quantized channels of the rotated rows (rosaq-quantize --complement)")
     parser.add_argument("--clip", action="store_true", help="clip-searched group ranges (rosaq-quantize --clip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (rosaq-quantize --seed)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
     parser.add_argument("--work", default="bench_runs/llmc")

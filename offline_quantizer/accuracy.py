@@ -55,6 +55,7 @@ class GridPoint:
     sequential: bool = False  # calibrated on the quantized earlier layers (QuantizeOptions.sequential)
     complement: str = "pca"  # basis of the quantized channels (QuantizeOptions.complement)
     clip: bool = False  # clip-searched group ranges (QuantizeOptions.clip)
+    seed: int = 0  # of a mixed complement's random matrices (QuantizeOptions.seed)
 
     @property
     def key(self) -> str:
@@ -62,7 +63,7 @@ class GridPoint:
         key = f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
         return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
                 + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
-                + ("|clip" if self.clip else ""))
+                + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else ""))
 
     @property
     def own_calibration(self) -> bool:
@@ -74,17 +75,18 @@ class GridPoint:
         return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
                                rotation=self.rotation, block_size=block_size, gptq=self.gptq,
                                act_order=self.act_order, sequential=self.sequential, complement=self.complement,
-                               clip=self.clip)
+                               clip=self.clip, seed=self.seed)
 
 
 def grid_points(
     rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
-    act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False,
+    act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False, seed: int = 0,
 ) -> list[GridPoint]:
     """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
-    only on rotated rows (the original space has no basis to mix)."""
+    and its ``seed`` only on rotated rows (the original space has no basis to mix)."""
     return [
-        GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca", clip)
+        GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca", clip,
+                  seed if r != "none" else 0)
         for r in rotations for b in bits for k in salient for g in gptq
     ]
 

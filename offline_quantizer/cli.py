@@ -70,6 +70,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=False,
                         help="search each group's range (shrunk by 1.0 to 0.21, least |error|^2.4, as GPTQ's and "
                         "QuaRot's mse quantizer) instead of its min/max")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices of a mixed "
+                        "--complement")
     return parser
 
 
@@ -79,7 +81,7 @@ def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.gptq and args.act_order,
-                           sequential=args.sequential, complement=complement, clip=args.clip)
+                           sequential=args.sequential, complement=complement, clip=args.clip, seed=args.seed)
     opts.quant_config()
     return opts
 

@@ -81,6 +81,7 @@ class QuantizeOptions:
     sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*
     complement: str = "pca"  # basis of the quantized channels, one of COMPLEMENTS (mixed at MIXED_SITES[complement])
     clip: bool = False  # search each group's range (quantize.group_params) instead of its min/max
+    seed: int = 0  # of the random orthogonal matrices of a mixed complement (rotation.mix_complement)
 
     @property
     def folds_norms(self) -> bool:
@@ -259,7 +260,7 @@ def incoherent_complement(
     energy = torch.where(outliers, torch.inf, energy)
     principal = outliers.clone()
     principal[torch.topk(energy, opts.quant_config().num_salient_for(energy.numel())).indices] = True
-    return mix_complement(basis, principal.view(basis.shape[0], group, -1).any(1))
+    return mix_complement(basis, principal.view(basis.shape[0], group, -1).any(1), opts.seed)
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """Absorbing the rotations changes nothing: the rotated fp model computes the original function."""
 
+import dataclasses
+
 import pytest
 import torch
 from rosaq_kernels.reference import rotate_blocks
@@ -126,6 +128,10 @@ def test_incoherent_complement_keeps_the_salient_selection(group: int) -> None:
 
     assert top(mixed) == top(basis)
     assert not torch.allclose(mixed, basis)
+    # another --seed: another mix of the same complement, the same salient channels
+    reseeded = incoherent_complement(basis, moment, outliers, dataclasses.replace(opts, seed=1), "mlp_out", group)
+    assert top(reseeded) == top(basis) and not torch.allclose(reseeded, mixed)
+    assert torch.equal(incoherent_complement(basis, moment, outliers, opts, "mlp_out", group), mixed)
     assert incoherent_complement(basis, moment, outliers, QuantizeOptions(salient=16), "mlp_out", group) is basis
 
 
