@@ -1,7 +1,5 @@
 """Group-wise asymmetric round-to-nearest quantization of a linear with salient channels."""
 
-import math
-
 import torch
 from rosaq_kernels.packing import pack, pack_zeros
 
@@ -32,14 +30,17 @@ def group_params(groups: torch.Tensor, qmax: int, clip: bool = False) -> tuple[t
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float64)
         return scale, torch.round(-w_min * shrink / scale).clamp(0, qmax)
 
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        return (((torch.round(w / s) + z).clamp(0, qmax) - z) * s - w).abs().pow(CLIP_NORM).sum(-1)
+
     scale, zero = params(1.0)
     if not clip:
         return scale, zero
-    best_err = torch.full_like(scale, math.inf)
-    for shrink in CLIP_SHRINKS:
+    best_err = error(scale, zero)
+    for shrink in CLIP_SHRINKS[1:]:  # [0] is 1.0, the min/max grid above
         s, z = params(shrink)
-        deq = ((torch.round(w / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, qmax) - z.unsqueeze(-1)) * s.unsqueeze(-1)
-        err = (deq - w).abs().pow(CLIP_NORM).sum(-1)
+        err = error(s, z)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
