@@ -62,7 +62,7 @@ class GridPoint:
         k = f"{self.salient:g}"
         key = f"{self.rotation}|w{self.bits}g{self.group_size}|k{k}|{'gptq' if self.gptq else 'rtn'}"
         return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
-                + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo", "hadamard": "|had"}[self.complement]
+                + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
                 + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else ""))
 
     @property

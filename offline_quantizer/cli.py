@@ -65,14 +65,13 @@ def quantize_parser() -> argparse.ArgumentParser:
                         help="basis of the quantized channels: 'random' (default with a rotation): the non-salient "
                              "directions of every PCA basis mixed by a random orthogonal matrix, so that GPTQ has "
                              "correlations to compensate with (in a PCA basis it has none); 'random-except-vo': the "
-                             "same but the per-head V/O bases (o_proj's input) stay PCA; 'hadamard': mixed where "
-                             "'random' mixes, by random-sign Hadamard matrices (equal channel energies); 'pca': the "
-                             "PCA basis itself. Not applicable to --rotation none")
+                             "same but the per-head V/O bases (o_proj's input) stay PCA; 'pca': the PCA basis "
+                             "itself. Not applicable to --rotation none")
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=False,
                         help="search each group's range (shrunk by 1.0 to 0.21, least |error|^2.4, as GPTQ's and "
                         "QuaRot's mse quantizer) instead of its min/max")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a mixed --complement's random orthogonal "
-                        "matrices or Hadamard signs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices of a mixed "
+                        "--complement")
     return parser
 
 

@@ -61,9 +61,7 @@ ONLINE_ROTATION = {"absorbed": ("down_proj",), "per-layer": QUANTIZED_LINEARS, "
 #: basis of the quantized (non-salient) channels -> the rotation sites whose PCA basis is mixed by a random orthogonal
 #: matrix there (incoherent channels, see mix_complement); the other sites keep the PCA basis itself. "random-except-vo"
 #: leaves the per-head V/O bases (site "attn_out") unmixed: mixing them cost the most perplexity (docs/accuracy.md).
-#: "hadamard" mixes where "random" does, by random-sign Hadamard matrices (equal channel energies) instead.
-MIXED_SITES = {"pca": (), "random": ("residual", "attn_out", "mlp_out"), "random-except-vo": ("residual", "mlp_out"),
-               "hadamard": ("residual", "attn_out", "mlp_out")}
+MIXED_SITES = {"pca": (), "random": ("residual", "attn_out", "mlp_out"), "random-except-vo": ("residual", "mlp_out")}
 COMPLEMENTS = tuple(MIXED_SITES)
 
 
@@ -83,7 +81,7 @@ class QuantizeOptions:
     sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*
     complement: str = "pca"  # basis of the quantized channels, one of COMPLEMENTS (mixed at MIXED_SITES[complement])
     clip: bool = False  # search each group's range (quantize.group_params) instead of its min/max
-    seed: int = 0  # of the random matrices (orthogonal, or Hadamard signs) of a mixed complement
+    seed: int = 0  # of the random orthogonal matrices of a mixed complement (rotation.mix_complement)
 
     @property
     def folds_norms(self) -> bool:
@@ -262,8 +260,7 @@ def incoherent_complement(
     energy = torch.where(outliers, torch.inf, energy)
     principal = outliers.clone()
     principal[torch.topk(energy, opts.quant_config().num_salient_for(energy.numel())).indices] = True
-    block_energy = energy.view(basis.shape[0], group, -1).sum(1) if opts.complement == "hadamard" else None
-    return mix_complement(basis, principal.view(basis.shape[0], group, -1).any(1), opts.seed, block_energy)
+    return mix_complement(basis, principal.view(basis.shape[0], group, -1).any(1), opts.seed)
 
 
 @torch.no_grad()

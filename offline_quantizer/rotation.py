@@ -81,95 +81,28 @@ def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def _is_prime(n: int) -> bool:
-    return n > 1 and all(n % p for p in range(2, int(n**0.5) + 1))
-
-
-def hadamard_order(n: int) -> int:
-    """The largest ``m <= n`` for which :func:`hadamard` builds a matrix: ``2^a`` or ``2^a·(q + 1)`` with ``q`` a
-    prime ``≡ 3 (mod 4)`` (Sylvester's doubling of Paley's first construction); ``n >= 1``."""
-    best, power = 1, 1
-    while power <= n:
-        best = max(best, power)
-        for q in range(n // power - 1, 2, -1):
-            if q % 4 == 3 and _is_prime(q):
-                best = max(best, power * (q + 1))
-                break
-        power *= 2
-    return best
-
-
-def hadamard(m: int) -> torch.Tensor:
-    """A Hadamard matrix float64 ``[m, m]`` (entries ±1, ``H·Hᵀ = m·I``) for ``m`` of :func:`hadamard_order`.
-
-    Paley I for ``m = q + 1``: ``H = I + [[0, 1ᵀ], [−1, Q]]`` with the Jacobsthal matrix ``Q_ij = χ(j − i)``
-    (``χ`` the quadratic character mod ``q``, skew-symmetric as ``q ≡ 3 mod 4``); Sylvester doubling for the
-    powers of two.
-    """
-    if hadamard_order(m) != m:
-        raise ValueError(f"no Hadamard construction of order {m}; hadamard_order({m}) = {hadamard_order(m)}")
-    core = next(c for c in (m >> a for a in range(m.bit_length())) if c == 1 or (c % 4 == 0 and _is_prime(c - 1)))
-    if core == 1:
-        h = torch.ones(1, 1, dtype=torch.float64)
-    else:
-        q = core - 1
-        residues = {(i * i) % q for i in range(1, q)}
-        chi = torch.tensor([0.0] + [1.0 if a in residues else -1.0 for a in range(1, q)], dtype=torch.float64)
-        idx = torch.arange(q)
-        jacobsthal = chi[(idx.unsqueeze(0) - idx.unsqueeze(1)) % q]
-        h = torch.eye(q + 1, dtype=torch.float64)
-        h[0, 1:] += 1.0
-        h[1:, 0] -= 1.0
-        h[1:, 1:] += jacobsthal
-    while h.shape[0] < m:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def random_hadamard(n: int, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """An orthogonal float64 ``[m, m]`` with every entry ``±1/√m`` (a Hadamard matrix with random row signs, as
-    QuaRot's), ``m = hadamard_order(n)``; the same for the same ``(n, seed)`` on every machine."""
-    m = hadamard_order(n)
-    signs = torch.randint(0, 2, (m,), generator=torch.Generator().manual_seed(seed)).to(torch.float64) * 2 - 1
-    return signs.unsqueeze(1) * hadamard(m) / m**0.5, m
-
-
-def mix_complement(
-    basis: torch.Tensor, principal: torch.Tensor, seed: int = 0, energy: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mix the non-principal columns of (batched) bases by an orthogonal matrix, block by block.
+def mix_complement(basis: torch.Tensor, principal: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Mix the non-principal columns of (batched) bases by a random orthogonal matrix, block by block.
 
     The principal columns (those kept in fp16, e.g. the top PCA directions) are unchanged; the others are
-    replaced by ``basis[:, rest] · Q``: the same subspace, so the salient part of the product is unchanged, but
-    the quantized channels become *incoherent* (every one a mix of many PCA directions, as QuaRot's rotations
-    make them): no quantization group holds all the high-variance directions, and GPTQ's error compensation
-    has correlations to use (in a PCA basis the second moment is diagonal).
-
-    Without ``energy``, ``Q`` is Haar-random (:func:`random_orthogonal`). With ``energy``, it is a random-sign
-    Hadamard matrix (:func:`random_hadamard`) over the ``m = hadamard_order(n)`` strongest of the ``n``
-    non-principal columns, whose energies it makes exactly equal; the ``n − m`` weakest keep their own axis.
+    replaced by ``basis[:, rest] · Q`` with a random orthogonal ``Q``: the same subspace, so the salient part of
+    the product is unchanged, but the quantized channels become *incoherent* (every one a mix of many PCA
+    directions, as QuaRot's rotations make them): no quantization group holds all the high-variance directions,
+    and GPTQ's error compensation has correlations to use (in a PCA basis the second moment is diagonal).
 
     Args:
         basis: float64 ``[..., B, B]`` orthogonal, columns are channels.
         principal: bool ``[..., B]`` columns to keep.
-        energy: optional float ``[..., B]`` energy of every column (selects the Hadamard mix).
     Returns:
         float64 ``[..., B, B]`` orthogonal, spanning the same principal subspace per block.
     """
     size = basis.shape[-1]
     mixed, keep = basis.reshape(-1, size, size).clone(), principal.reshape(-1, size)
-    strength = None if energy is None else energy.reshape(-1, size)
     for block, block_keep in enumerate(keep):
         rest = torch.nonzero(~block_keep).flatten()
-        if rest.numel() <= 1:
-            continue
-        if strength is None:
-            q = random_orthogonal(rest.numel(), seed)
-        else:
-            q, m = random_hadamard(rest.numel(), seed)
-            rest = rest[torch.argsort(strength[block, rest.to(strength.device)].cpu(), descending=True,
-                                      stable=True)[:m]]
-        mixed[block][:, rest] = mixed[block][:, rest] @ q.to(mixed.device)
+        if rest.numel() > 1:
+            q = random_orthogonal(rest.numel(), seed).to(mixed.device)
+            mixed[block][:, rest] = mixed[block][:, rest] @ q
     return mixed.reshape(basis.shape)
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from offline_quantizer.adapters import DecoderAdapter
 from offline_quantizer.pipeline import QuantizeOptions, RotatedLinear, incoherent_complement, rotate_model
-from offline_quantizer.rotation import hadamard, hadamard_order, mix_complement, pca_basis, rotated_energy
+from offline_quantizer.rotation import mix_complement, pca_basis, rotated_energy
 
 
 class _RotatedFloatLinear(nn.Module):
@@ -111,47 +111,6 @@ def test_mix_complement_keeps_principal_columns_and_subspace() -> None:
         assert new_energy.max() < 0.5 * old_energy.max()
 
 
-def test_hadamard_orders() -> None:
-    """Every order up to 300 gets the largest constructible one below it, and that matrix is Hadamard."""
-    known = {1: 1, 2: 2, 3: 2, 11: 8, 12: 12, 28: 24, 36: 32, 44: 44, 559: 548, 869: 864, 896: 896}
-    for n in range(1, 301):
-        m = hadamard_order(n)
-        assert m <= n and known.get(n, m) == m
-        h = hadamard(m)
-        assert torch.equal(h.abs(), torch.ones(m, m, dtype=torch.float64))
-        assert torch.equal(h @ h.t(), m * torch.eye(m, dtype=torch.float64))
-    with pytest.raises(ValueError, match="hadamard_order"):
-        hadamard(28)
-
-
-def test_mix_complement_hadamard_equalizes_the_strongest_channels() -> None:
-    """With energies, the strongest ``hadamard_order(n)`` non-principal columns get exactly equal energy (their
-    mean), the weakest keep their axis, and the principal columns and the complement subspace are unchanged."""
-    size = 40  # 32 non-principal columns: all mixed; 35: the 3 weakest keep their axis
-    moment = _moments(2, size, seed=5)
-    basis = pca_basis(moment)
-    energy = rotated_energy(moment, basis).view(2, size)
-    principal = torch.zeros(2, size, dtype=torch.bool)
-    principal[0, :8] = True
-    principal[1, [0, 1, 2, 30, 33]] = True
-    mixed = mix_complement(basis, principal, seed=3, energy=energy)
-    eye = torch.eye(size, dtype=torch.float64).expand(2, size, size)
-    torch.testing.assert_close(mixed.transpose(1, 2) @ mixed, eye, rtol=0, atol=1e-12)
-    new_energy = rotated_energy(moment, mixed).view(2, size)
-    for b, n_mixed in enumerate((32, 32)):
-        rest = torch.nonzero(~principal[b]).flatten()
-        torch.testing.assert_close(mixed[b][:, principal[b]], basis[b][:, principal[b]])
-        p_old = basis[b][:, rest] @ basis[b][:, rest].t()
-        torch.testing.assert_close(mixed[b][:, rest] @ mixed[b][:, rest].t(), p_old, rtol=0, atol=1e-12)
-        strongest = rest[torch.argsort(energy[b, rest], descending=True)[:n_mixed]]
-        weakest = rest[torch.argsort(energy[b, rest], descending=True)[n_mixed:]]
-        torch.testing.assert_close(new_energy[b, strongest], energy[b, strongest].mean().expand(n_mixed))
-        torch.testing.assert_close(mixed[b][:, weakest], basis[b][:, weakest])
-        assert weakest.numel() == rest.numel() - n_mixed
-    assert not torch.allclose(mix_complement(basis, principal, seed=4, energy=energy), mixed)
-    assert torch.equal(mix_complement(basis, principal, seed=3, energy=energy), mixed)
-
-
 @pytest.mark.parametrize("group", [1, 2])
 def test_incoherent_complement_keeps_the_salient_selection(group: int) -> None:
     """The channels the salient selection keeps (top-K energy, outliers always) are those the mix left alone."""
@@ -177,8 +136,7 @@ def test_incoherent_complement_keeps_the_salient_selection(group: int) -> None:
 
 
 @pytest.mark.parametrize(("complement", "mixed_sites"), [("random", {"residual", "attn_out", "mlp_out"}),
-                                                         ("random-except-vo", {"residual", "mlp_out"}),
-                                                         ("hadamard", {"residual", "attn_out", "mlp_out"})])
+                                                         ("random-except-vo", {"residual", "mlp_out"})])
 def test_complement_mixes_only_its_sites(complement: str, mixed_sites: set[str]) -> None:
     """``random-except-vo`` keeps the PCA basis of the V/O heads ("attn_out") and mixes the other sites."""
     moment = _moments(2, 64, seed=5)
@@ -190,9 +148,9 @@ def test_complement_mixes_only_its_sites(complement: str, mixed_sites: set[str])
         assert unchanged == (site not in mixed_sites), site
 
 
-@pytest.mark.parametrize("complement", ["random", "random-except-vo", "hadamard"])
+@pytest.mark.parametrize("complement", ["random", "random-except-vo"])
 def test_mixed_complement_needs_a_rotation(complement: str) -> None:
     with pytest.raises(ValueError, match="rotation 'none'"):
         QuantizeOptions(rotation="none", complement=complement).quant_config()
     with pytest.raises(ValueError, match="complement must be one of"):
-        QuantizeOptions(complement="dct").quant_config()
+        QuantizeOptions(complement="hadamard").quant_config()
