@@ -74,12 +74,16 @@ def stage_grid(args: argparse.Namespace) -> None:
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential,
                          args.complement, args.clip, args.seed)
+    calibration, name = assets.calibration_text(), "c4"
+    if args.calib_offset:
+        calibration = skip_windows(directory, calibration, args.calib_offset * args.seq_len)
+        name = f"c4+{args.calib_offset}x{args.seq_len}"
     run_grid(
         directory,
         points,
         texts,
         Path(args.results),
-        assets.calibration_text(),
+        calibration,
         args.num_samples,
         args.seq_len,
         args.context,
@@ -87,7 +91,20 @@ def stage_grid(args: argparse.Namespace) -> None:
         device=args.device,
         batch_size=args.batch_size,
         mc_tasks=fetch_tasks(args.mc, args.mc_limit) if args.mc else None,
+        calibration=name,
     )
+
+
+def skip_windows(directory: Path, text: str, tokens: int) -> str:
+    """``text`` from the character where its ``tokens``-th token (model ``directory``'s tokenizer) starts: another
+    calibration draw of the same corpus (the grid cuts windows from the start of its calibration text)."""
+    from transformers import AutoTokenizer
+
+    offsets = AutoTokenizer.from_pretrained(directory)(text, add_special_tokens=False,
+                                                       return_offsets_mapping=True)["offset_mapping"]
+    if tokens >= len(offsets):
+        raise ValueError(f"--calib-offset skips {tokens} tokens; the calibration text has {len(offsets)}")
+    return text[offsets[tokens][0]:]
 
 
 def stage_llmc(args: argparse.Namespace) -> None:
@@ -163,6 +180,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128, help="online rotation block (0: whole input)")
     parser.add_argument("--act-order", action="store_true", help="GPTQ rows with activation order")
     parser.add_argument("--sequential", action="store_true", help="rows calibrated on their own quantized layers")
+    parser.add_argument("--calib-offset", type=int, default=0,
+                        help="grid: calibrate on the windows after the first N of --seq-len tokens (another draw of "
+                        "the same C4 sample; the rows record it as their calibration)")
     parser.add_argument("--complement", choices=COMPLEMENTS, default="pca",
                         help="basis of the quantized channels of the rotated rows (rosaq-quantize --complement)")
     parser.add_argument("--clip", action="store_true", help="clip-searched group ranges (rosaq-quantize --clip)")

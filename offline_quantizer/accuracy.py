@@ -257,7 +257,9 @@ class MultipleChoice:
 
 
 #: Settings a cached row must share with the run to be reused (``block_size`` only where a row rotates online).
-_ROW_SETTINGS = ("num_samples", "seq_len", "context", "tokens", "block_size")
+_ROW_SETTINGS = ("num_samples", "seq_len", "context", "tokens", "block_size", "calibration")
+#: what a row measured before a setting was recorded used (rows of earlier results files)
+_SETTING_DEFAULTS = {"calibration": "c4"}
 
 
 def _done(results: dict, key: str, texts: Iterable[str], meta: dict) -> bool:
@@ -272,7 +274,8 @@ def _done(results: dict, key: str, texts: Iterable[str], meta: dict) -> bool:
     if any(row.get("mc", {}).get(task, {}).get("n") != n for task, n in meta.get("mc_questions", {}).items()):
         return False
     rotates_online = row.get("rotation", "none") != "none"
-    stale = [m for m in _ROW_SETTINGS if (m != "block_size" or rotates_online) and row.get(m) != meta[m]]
+    ignored = ({"calibration"} if key == FP_ROW else set()) | (set() if rotates_online else {"block_size"})
+    stale = [m for m in _ROW_SETTINGS if m not in ignored and row.get(m, _SETTING_DEFAULTS.get(m)) != meta[m]]
     if stale:
         logger.info("row %s was measured with other %s: measuring it again", key, ", ".join(stale))
     return not stale
@@ -283,9 +286,11 @@ def run_grid(
     calibration_text: str, num_samples: int, seq_len: int, context: int, block_size: int = 128,
     device: str = "cpu", batch_size: int = 4, include_fp: bool = True,
     extra_models: dict[str, tuple[Path, dict]] | None = None, mc_tasks: dict[str, list] | None = None,
+    calibration: str = "c4",
 ) -> dict:
     """Evaluate the fp model, every grid point and ``extra_models`` (name -> (HF dir, bits info)) on ``texts``
     (and on the multiple-choice questions ``mc_tasks``: task -> ``multiple_choice.Question`` list).
+    ``calibration`` names ``calibration_text`` in every row (rows of another calibration are measured again).
 
     Finished rows (same key, every text present) in ``results_path`` are skipped; each new row is saved
     as soon as it is measured.
@@ -294,7 +299,7 @@ def run_grid(
 
     results = load_results(results_path)
     meta = {"num_samples": num_samples, "seq_len": seq_len, "context": context, "block_size": block_size,
-            "tokens": {name: int(ids.numel()) for name, ids in texts.items()}}
+            "tokens": {name: int(ids.numel()) for name, ids in texts.items()}, "calibration": calibration}
     mc = None
     if mc_tasks:
         from transformers import AutoTokenizer

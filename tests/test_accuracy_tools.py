@@ -10,6 +10,7 @@ from rosaq_kernels.packing import unpack_zeros
 from rosaq_kernels.reference import dequantize
 from transformers import AutoTokenizer
 
+from benchmarks.eval_accuracy import skip_windows
 from offline_quantizer.accuracy import (
     GridPoint,
     checkpoint_bits,
@@ -171,6 +172,30 @@ def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
     other = run_grid(model, points, {"t": ids}, path, **{**kwargs, "block_size": 32})
     assert other["fp16"] == saved["fp16"] and other[points[0].key] == saved[points[0].key]
     assert other[points[1].key]["block_size"] == 32 and saved[points[1].key]["block_size"] == 64
+    # another calibration draw: every quantized row again, the fp row reused; rows of files without the field read "c4"
+    for row in saved.values():
+        del row["calibration"]
+    path.write_text(json.dumps(saved))
+    assert run_grid(model, points, {"t": ids}, path, **{**kwargs, "calibration_text": "unused"}) == saved
+    shifted = run_grid(model, points, {"t": ids}, path, **{**kwargs, "calibration_text": calibration_corpus()[500:],
+                                                           "calibration": "c4+1x64"})
+    assert shifted["fp16"] == saved["fp16"]
+    assert all(shifted[point.key]["calibration"] == "c4+1x64" for point in points)
+    # round-to-nearest in the original space ignores the calibration; the rotated row's basis and salient set do not
+    assert shifted[points[0].key]["eval"]["t"]["ppl"] == saved[points[0].key]["eval"]["t"]["ppl"]
+    assert shifted[points[1].key]["eval"]["t"]["ppl"] != saved[points[1].key]["eval"]["t"]["ppl"]
+
+
+def test_skip_windows_starts_the_calibration_at_a_later_token(tiny_model_dir) -> None:
+    model = tiny_model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    text = calibration_corpus()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    rest = skip_windows(model, text, 100)
+    assert text.endswith(rest) and len(rest) < len(text)
+    assert tokenizer(rest, add_special_tokens=False).input_ids[:50] == ids[100:150]
+    with pytest.raises(ValueError, match="calib-offset"):
+        skip_windows(model, text, len(ids))
 
 
 def test_grid_rows_carry_multiple_choice_accuracy(tiny_model_dir, tmp_path: Path) -> None:
