@@ -257,9 +257,7 @@ class MultipleChoice:
 
 
 #: Settings a cached row must share with the run to be reused (``block_size`` only where a row rotates online).
-_ROW_SETTINGS = ("num_samples", "seq_len", "context", "tokens", "block_size", "calibration")
-#: what a row measured before a setting was recorded used (rows of earlier results files)
-_SETTING_DEFAULTS = {"calibration": "c4"}
+_ROW_SETTINGS = ("num_samples", "seq_len", "context", "tokens", "block_size")
 
 
 def _done(results: dict, key: str, texts: Iterable[str], meta: dict) -> bool:
@@ -274,8 +272,7 @@ def _done(results: dict, key: str, texts: Iterable[str], meta: dict) -> bool:
     if any(row.get("mc", {}).get(task, {}).get("n") != n for task, n in meta.get("mc_questions", {}).items()):
         return False
     rotates_online = row.get("rotation", "none") != "none"
-    ignored = ({"calibration"} if key == FP_ROW else set()) | (set() if rotates_online else {"block_size"})
-    stale = [m for m in _ROW_SETTINGS if m not in ignored and row.get(m, _SETTING_DEFAULTS.get(m)) != meta[m]]
+    stale = [m for m in _ROW_SETTINGS if (m != "block_size" or rotates_online) and row.get(m) != meta[m]]
     if stale:
         logger.info("row %s was measured with other %s: measuring it again", key, ", ".join(stale))
     return not stale
@@ -290,7 +287,8 @@ def run_grid(
 ) -> dict:
     """Evaluate the fp model, every grid point and ``extra_models`` (name -> (HF dir, bits info)) on ``texts``
     (and on the multiple-choice questions ``mc_tasks``: task -> ``multiple_choice.Question`` list).
-    ``calibration`` names ``calibration_text`` in every row (rows of another calibration are measured again).
+    ``calibration`` names ``calibration_text``: recorded in every row, and appended to the keys of the grid rows
+    unless it is "c4" (the default C4 sample from its start), so rows of another calibration draw are kept apart.
 
     Finished rows (same key, every text present) in ``results_path`` are skipped; each new row is saved
     as soon as it is measured.
@@ -319,17 +317,20 @@ def run_grid(
         results[name] = {"method": name, **bits, **_evaluate(model, texts, context, device, batch_size, mc), **meta}
         save_results(results_path, results)
         del model
+    def key(point: GridPoint) -> str:
+        return point.key if calibration == "c4" else f"{point.key}|{calibration}"
+
     def record(point: GridPoint, hf_config: dict, cfg: RosaqQuantConfig, tensors: dict[str, torch.Tensor]) -> None:
         model = model_from_tensors(hf_config, cfg, tensors, dense=True)
-        results[point.key] = {"method": "rosaq-grid", **point.__dict__, **checkpoint_bits(tensors, cfg.bits),
-                              **_evaluate(model, texts, context, device, batch_size, mc), **meta}
+        row = results[key(point)] = {"method": "rosaq-grid", **point.__dict__, **checkpoint_bits(tensors, cfg.bits),
+                                     **_evaluate(model, texts, context, device, batch_size, mc), **meta}
         save_results(results_path, results)
-        logger.info("%s: %s %s", point.key, {t: round(r["ppl"], 3) for t, r in results[point.key]["eval"].items()},
-                    {t: round(r["acc"], 4) for t, r in results[point.key].get("mc", {}).items()})
+        logger.info("%s: %s %s", key(point), {t: round(r["ppl"], 3) for t, r in row["eval"].items()},
+                    {t: round(r["acc"], 4) for t, r in row.get("mc", {}).items()})
 
     by_rotation: dict[str, list[GridPoint]] = {}
     for point in points:
-        if _done(results, point.key, texts, meta):
+        if _done(results, key(point), texts, meta):
             continue
         if point.own_calibration:
             logger.info("row %s (its own calibration pass)", point.key)
