@@ -5,8 +5,8 @@
 # `eval_accuracy.py grid` call per spec, while the time budget lasts.
 #
 #   usage: SPECS="BITS GRID-ARGS;BITS GRID-ARGS;..." [BUDGET=480] [ROW_S=80] bash benchmarks/gpu_grid.sh [SEED_RESULTS]
-#   e.g.   SPECS="4 --rotations absorbed --complement hadamard --salient 0 --seed 1" bash benchmarks/gpu_grid.sh \
-#            benchmarks/results/accuracy-qwen-full-2026-12-05-h200.json
+#   e.g.   SPECS="4 --rotations none --salient 0 --calib-offset 128;4 --rotations absorbed --complement random \
+#            --salient 0 --seed 1" bash benchmarks/gpu_grid.sh benchmarks/results/accuracy-qwen-full-2026-12-05-night.json
 #
 # SEED_RESULTS (a results file of earlier rows, e.g. with the fp16 row) is copied first, so its rows are not re-run.
 # A spec starts only while at least ROW_S seconds of BUDGET are left (a row takes ~60–70 s on an H100 / H200).

@@ -317,6 +317,7 @@ def run_grid(
         results[name] = {"method": name, **bits, **_evaluate(model, texts, context, device, batch_size, mc), **meta}
         save_results(results_path, results)
         del model
+
     def key(point: GridPoint) -> str:
         return point.key if calibration == "c4" else f"{point.key}|{calibration}"
 
@@ -333,7 +334,7 @@ def run_grid(
         if _done(results, key(point), texts, meta):
             continue
         if point.own_calibration:
-            logger.info("row %s (its own calibration pass)", point.key)
+            logger.info("row %s (its own calibration pass)", key(point))
             record(point, *quantize_full(model_dir, calibration_text, point, num_samples, seq_len,
                                                block_size=block_size, device=device))
         else:
@@ -343,7 +344,7 @@ def run_grid(
         rotated = rotate_for_grid(model_dir, calibration_text, rotation, num_samples, seq_len,
                                   block_size=block_size, full_moments=any(p.gptq for p in todo), device=device)
         for point in todo:
-            logger.info("row %s", point.key)
+            logger.info("row %s", key(point))
             record(point, rotated.hf_config, *quantize_rotated(rotated, point, device))
         del rotated
     return results
