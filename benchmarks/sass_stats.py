@@ -65,12 +65,12 @@ class LoopStats:
 
 
 def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, config: tuple[int, ...],
-                       group_size: int = 128, num_salient: int = 48) -> triton.compiler.CompiledKernel:
+                       group_size: int = 128) -> triton.compiler.CompiledKernel:
     """The fused kernel compiled for sm_90a for one call shape and launch ``config`` (a ``_CONFIGS`` row's tail).
 
     Raises ``ValueError`` for a config without a fused loop (``BLOCK_M == 0``: dequantize + cuBLAS).
     """
-    bm, bn, warps, stages, swap, late, k_tiles, tps, _, split = _pick_config(
+    bm, bn, warps, stages, swap, late, _, tps, _, split = _pick_config(
         M, N, K, bits, group_size, torch.device("cpu"), config
     )
     if bm == 0:
@@ -84,8 +84,8 @@ def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, co
     unknown = (set(constants) | set(_POINTERS) | set(_UNSPECIALIZED)) - set(names)
     if unknown:
         raise RuntimeError(f"the kernel has no parameters {sorted(unknown)}: update benchmarks/sass_stats.py")
-    if num_salient % 16 or N % 16 or K % 16:
-        raise ValueError("N, K and the salient count must be multiples of 16 (as the divisibility hints say)")
+    if N % 16 or K % 16:  # the salient count always is (SALIENT_BLOCK)
+        raise ValueError("N and K must be multiples of 16 (as the divisibility hints say)")
     signature = {}
     for name in names:
         if name in constants:
