@@ -8,8 +8,9 @@ have no fused loop and are skipped), ``_rosaq_linear_kernel`` is compiled by the
 ``ptxas`` for ``sm_90a`` with the specializations Triton's JIT gives a real call (strides of 1 as constants;
 pointers, shapes and the other strides divisible by 16), the cubin's resource usage is read with
 ``cuobjdump``, and its SASS is split at the backward branches: the K loop is the longest loop body. Printed per
-config: registers, local memory (spills), shared memory, the programs one SM holds (H100 / H200 limits), the K loop's
-instructions per K step and its opcode counts.
+config: registers, local memory (spills), shared memory, the programs one SM holds (H100 / H200 limits), the kernel's
+static instruction count (everything outside the K loop runs once per program), the K loop's instructions per K step
+and its opcode counts.
 
 Instruction counts are what an A/B on the GPU cannot show (BENCHMARKS.md uses them to explain timings), and they
 need no GPU. They are Triton-version specific: the GPU image runs Triton 3.6.0, this repo's CPU venv a newer
@@ -60,6 +61,7 @@ class LoopStats:
     local_bytes: int  # per thread (register spills)
     shared_bytes: int  # per program
     programs_per_sm: int
+    total_instructions: int  # static count of the whole kernel (the loop once): prologue, salient part, epilogue
     loop_instructions: int
     opcodes: collections.Counter[str]
 
@@ -133,7 +135,7 @@ def loop_stats(kernel: triton.compiler.CompiledKernel) -> LoopStats:
         raise ValueError("no loop in the kernel's SASS")
     start, end = max(loops, key=lambda span: span[1] - span[0])
     body = [opcode for address, opcode, _ in instructions if start <= address <= end]
-    return LoopStats(registers, local_bytes, shared, programs, len(body), collections.Counter(body))
+    return LoopStats(registers, local_bytes, shared, programs, len(instructions), len(body), collections.Counter(body))
 
 
 def main() -> None:
@@ -147,19 +149,20 @@ def main() -> None:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     K, N = (int(v) for v in args.shape.split("x"))
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, K={K} N={N}")
-    print("| bits | M | config | registers | local bytes | shared KB | programs per SM | K-loop instructions | "
-          "top opcodes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| bits | M | config | registers | local bytes | shared KB | programs per SM | kernel instructions | "
+          "K-loop instructions | top opcodes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for bits in args.bits:
         for M in (int(m) for m in args.ms.split(",")):
             config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
             if config[0] == 0:
-                print(f"| {bits} | {M} | {config} | – | – | – | – | – | dequantize + cuBLAS |")
+                print(f"| {bits} | {M} | {config} | – | – | – | – | – | – | dequantize + cuBLAS |")
                 continue
             stats = loop_stats(compile_for_hopper(M, N, K, bits, dtype, config))
             top = ", ".join(f"{op} {n}" for op, n in stats.opcodes.most_common(args.top))
             print(f"| {bits} | {M} | {config} | {stats.registers} | {stats.local_bytes} | "
-                  f"{stats.shared_bytes / 1024:.1f} | {stats.programs_per_sm} | {stats.loop_instructions} | {top} |")
+                  f"{stats.shared_bytes / 1024:.1f} | {stats.programs_per_sm} | {stats.total_instructions} | "
+                  f"{stats.loop_instructions} | {top} |")
 
 
 if __name__ == "__main__":
