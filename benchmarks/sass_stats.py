@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 import triton
-from rosaq_kernels.fused_linear import _ACT_KIND, _CONFIGS, _GROUP_M, SALIENT_BLOCK, _pick_config, _rosaq_linear_kernel
-from rosaq_kernels.tile_layout import SLICE, SLICES, TILE
+from rosaq_kernels.fused_linear import _CONFIGS, _linear_constexprs, _pick_config, _rosaq_linear_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -66,9 +65,10 @@ class LoopStats:
     opcodes: collections.Counter[str]
 
 
-def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, config: tuple[int, ...],
+def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, config: tuple[int, ...] | None = None,
                        group_size: int = 128) -> triton.compiler.CompiledKernel:
-    """The fused kernel compiled for sm_90a for one call shape and launch ``config`` (a ``_CONFIGS`` row's tail).
+    """The fused kernel compiled for sm_90a for one call shape and launch ``config`` (a ``_CONFIGS`` row's tail;
+    ``None``: the launch table's row for ``M``), with the constants the real launch passes.
 
     Raises ``ValueError`` for a config without a fused loop (``BLOCK_M == 0``: dequantize + cuBLAS).
     """
@@ -76,12 +76,10 @@ def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, co
         M, N, K, bits, group_size, torch.device("cpu"), config
     )
     if bm == 0:
-        raise ValueError(f"config {config} dequantizes and calls cuBLAS: no fused loop to compile")
-    constants = dict(
-        BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[dtype], SL=SLICE, NSL=SLICES[bits], TPS=tps,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M, SWAP=swap and bm > 1,
-        LATE_SCALE=late and bm > 1, EVEN_K=K % (TILE[bits] * tps) == 0, SPLIT=split > 1, COMPILED=True,
-    ) | dict.fromkeys(_UNIT_STRIDES, 1)
+        raise ValueError(f"M={M}: the launch dequantizes and calls cuBLAS, no fused loop to compile")
+    constants = _linear_constexprs(bits, group_size, dtype, K, bm, bn, swap, late, tps, split) | dict(
+        COMPILED=True, **dict.fromkeys(_UNIT_STRIDES, 1)
+    )
     names = list(inspect.signature(_rosaq_linear_kernel.fn).parameters)
     unknown = (set(constants) | set(_POINTERS) | set(_UNSPECIALIZED)) - set(names)
     if unknown:

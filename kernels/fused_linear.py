@@ -544,6 +544,18 @@ def _pick_config(M: int, N: int, K: int, bits: int, group_size: int, device: tor
     return bm, bn, warps, stages, bool(swap), bool(late), k_tiles, tps, steps_per_split, split
 
 
+def _linear_constexprs(
+    bits: int, group_size: int, act_dtype: torch.dtype, K: int, bm: int, bn: int, swap: bool, late: bool, tps: int,
+    split: int,
+) -> dict[str, int | bool]:
+    """The ``tl.constexpr`` arguments of ``_rosaq_linear_kernel`` for a config of :func:`_pick_config`."""
+    return dict(
+        BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[act_dtype], SL=SLICE, NSL=SLICES[bits], TPS=tps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M, SWAP=swap and bm > 1,
+        LATE_SCALE=late and bm > 1, EVEN_K=K % (TILE[bits] * tps) == 0, SPLIT=split > 1, COMPILED=not _interpreting(),
+    )  # fmt: skip
+
+
 #: Per-device int32 counters of the split-K reduction, one per output tile, all 0 between launches. Replaced
 #: buffers stay alive in ``_RETIRED_COUNTERS``: CUDA graphs captured earlier still point at them.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -680,11 +692,7 @@ def rosaq_fused_linear(
         sw_strides[0], sw_strides[1],
         out.stride(0), out.stride(1),
         *((0, 0, 0) if split == 1 else partials.stride()),
-        BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[x.dtype],
-        SL=SLICE, NSL=SLICES[bits], TPS=tps,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M,
-        SWAP=swap and bm > 1, LATE_SCALE=late and bm > 1, EVEN_K=K % (TILE[bits] * tps) == 0, SPLIT=split > 1,
-        COMPILED=not _interpreting(),
+        **_linear_constexprs(bits, group_size, x.dtype, K, bm, bn, swap, late, tps, split),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

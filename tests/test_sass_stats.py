@@ -13,18 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from rosaq_kernels.fused_linear import _CONFIGS
 
 from benchmarks.sass_stats import compile_for_hopper
 
 REPO = Path(__file__).resolve().parent.parent
 _COMPILE = """
 import json, sys, torch
-from rosaq_kernels.fused_linear import _CONFIGS
 from benchmarks.sass_stats import compile_for_hopper, loop_stats
 bits, M, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
-config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
-stats = loop_stats(compile_for_hopper(M, 4096, 4096, bits, dtype, config))
+stats = loop_stats(compile_for_hopper(M, 4096, 4096, bits, dtype))  # the launch table's row for M
 print(json.dumps({"local": stats.local_bytes, "programs": stats.programs_per_sm, "total": stats.total_instructions,
                   "loop": stats.loop_instructions, "opcodes": dict(stats.opcodes)}))
 """
@@ -47,6 +44,5 @@ def test_table_configs_compile_for_hopper_without_spills(bits: int, M: int, dtyp
 
 
 def test_large_m_rows_have_no_fused_loop() -> None:
-    config = next(row[1:] for row in _CONFIGS[4] if 1 << 20 <= row[0])
     with pytest.raises(ValueError, match="no fused loop"):
-        compile_for_hopper(1 << 20, 4096, 4096, 4, torch.float16, config)
+        compile_for_hopper(1 << 20, 4096, 4096, 4, torch.float16)
