@@ -1,11 +1,13 @@
-"""One launch of the fused ROSAQ kernel per Llama-2-7B linear, for Nsight Compute (run on the device machine).
+"""Three launches of the fused ROSAQ kernel per Llama-2-7B linear, for Nsight Compute (run on the device machine).
 
-    ncu --kernel-name regex:_rosaq_linear --launch-skip 2 --launch-count 4 --section SpeedOfLight \\
-        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats \\
+    ncu --clock-control none --set full --import-source no -k regex:_rosaq_linear -c 12 -o prof \\
         python benchmarks/profile_kernel.py --m 1 --bits 4
+    ncu -i prof.ncu-rep --page details > details.txt
+    ncu -i prof.ncu-rep --page source --csv --print-source sass > source.csv   # for benchmarks/ncu_stalls.py
 
 Each linear (qkv, o, gate_up, down with its block rotation of 128) is built with random codes and 1% salient
-channels, called twice to compile and warm up, then once more: the launch ncu profiles.
+channels and called three times, in that order: launches 0-2 are qkv, 3-5 o, 6-8 gate_up, 9-11 down (the first of
+each compiles and warms up; read the third).
 """
 
 from __future__ import annotations

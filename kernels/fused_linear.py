@@ -32,7 +32,8 @@ Structure (in the style of Triton's matmul tutorial):
     fp16 bits ``0x6400 | code`` are ``1024 + code``, bf16 ``0x4300 | code`` are ``128 + code``), so
     ``code - zero`` is one exact packed subtraction. Either that operand is scaled (rounded once to the
     activation dtype) and multiplied into one fp32 accumulator, or (``LATE_SCALE``) each group's exact partial
-    product is multiplied by its scales in fp32. The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or
+    product is multiplied by its scales in fp32 (loaded a group ahead: Triton pipelines only loads that feed a
+    product, and these scales meet the accumulator). The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or
     (``SWAP``) ``deq(W) · x'ᵀ`` as ``[BLOCK_N, 32] · [32, BLOCK_M]``, which makes the dequantized weights the
     register operand of Hopper's ``wgmma`` instead of a round trip through shared memory.
   - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
@@ -206,15 +207,18 @@ def _load_tile_words(w_cols, kt, mask_n, stride_qk, SL: tl.constexpr):
 
 
 @triton.jit
-def _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE: tl.constexpr):
-    """Scales and int32 zero points ``[BLOCK_N]`` of the group holding channel ``k0``.
+def _load_scales(sc_cols, k0, K, mask_n, stride_sg, GROUP_SIZE: tl.constexpr):
+    """Scales ``[BLOCK_N]`` of the group holding channel ``k0`` (past ``K``: the last group's)."""
+    return tl.load(sc_cols + (min(k0, K - 1) // GROUP_SIZE) * stride_sg, mask=mask_n, other=0.0)
 
-    The last tile's padding (codes 0, past ``K``) takes the last group's (finite) scale and meets x read as 0.
+
+@triton.jit
+def _load_zeros(zp_cols, k0, K, mask_n, stride_zg, GROUP_SIZE: tl.constexpr):
+    """int32 zero points ``[BLOCK_N]`` of the group holding channel ``k0`` (past ``K``: the last group's).
+
+    The last tile's padding (codes 0, past ``K``) takes the last group's (finite) parameters and meets x read as 0.
     """
-    g = min(k0, K - 1) // GROUP_SIZE
-    scale = tl.load(sc_cols + g * stride_sg, mask=mask_n, other=0.0)
-    zero = tl.load(zp_cols + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
-    return scale, zero
+    return tl.load(zp_cols + (min(k0, K - 1) // GROUP_SIZE) * stride_zg, mask=mask_n, other=0).to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["M", "k_tiles", "steps_per_split", "SPLIT_K"])
@@ -284,6 +288,11 @@ def _rosaq_linear_kernel(
     # ---- quantized part: K steps [ks_start, ks_end) of this split ----
     ks_start = pid_k * steps_per_split
     ks_end = min(ks_start + steps_per_split, (k_tiles + TPS - 1) // TPS)
+    LATE: tl.constexpr = LATE_SCALE and BLOCK_M > 1
+    if LATE:
+        # Scales that only meet the accumulator are not pipelined by Triton (only loads feeding a dot are): load
+        # each group's one group ahead, in registers, so the load's latency hides behind a group of products.
+        scale_next = _load_scales(sc_cols, ks_start * STEP, K, mask_n, stride_sg, GROUP_SIZE)
     for ks in range(ks_start, ks_end):
         for j in tl.static_range(TPS * NSL):  # slice j of the step: slice j % NSL of tile kt
             kt = ks * TPS + j // NSL
@@ -295,9 +304,12 @@ def _rosaq_linear_kernel(
             k0 = kt * TILE + (j % NSL) * SL  # first channel of the slice; the whole slice is in one group
             k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no step is padded, loads stay vectorized)
             if j % SPG == 0:
-                scale, zero = _load_group_params(
-                    sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE
-                )
+                zero = _load_zeros(zp_cols, k0, K, mask_n, stride_zg, GROUP_SIZE)
+                if LATE:
+                    scale = scale_next
+                    scale_next = _load_scales(sc_cols, k0 + SPG * SL, K, mask_n, stride_sg, GROUP_SIZE)
+                else:
+                    scale = _load_scales(sc_cols, k0, K, mask_n, stride_sg, GROUP_SIZE)
             if BLOCK_M == 1:
                 # One token: sum (c - z) · x in fp32 (c + 2^23 is the fp32 with bits 0x4B000000 | c, so c - z
                 # is one exact subtraction), times the scale once per group.
@@ -434,7 +446,8 @@ def _dequantize_kernel(
     zp_cols = zp_ptr + offs_n * stride_zn
     for j in tl.static_range(NSL):
         k0 = kt * SL * NSL + j * SL
-        scale, zero = _load_group_params(sc_cols, zp_cols, k0, K, mask_n, stride_sg, stride_zg, GROUP_SIZE)
+        scale = _load_scales(sc_cols, k0, K, mask_n, stride_sg, GROUP_SIZE)
+        zero = _load_zeros(zp_cols, k0, K, mask_n, stride_zg, GROUP_SIZE)
         cz = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
         w = cz.to(tl.float32) * scale.to(tl.float32)[None, :]
         tl.store(
@@ -462,8 +475,9 @@ def _dequantize_kernel(
 # --sweep on the H100 (BENCHMARKS.md): M = 1, 16, 64, 256, 1024, then --sweep-ms 32,128 for those two rows; the
 # M <= 64 rows again with --sweep-ms 1,16,32,64 after the split-K reduction moved into the kernel; the INT3 rows up
 # to M = 128 again after its layout became 10 codes per word (benchmarks/ab_configs.py, BENCHMARKS.md), the
-# M <= 16 rows once more with two-tile steps, and the M <= 128 rows after the zero points became int16 in memory
-# (KERNEL_ZERO_DTYPE: cheaper non-swapped tiles).
+# M <= 16 rows once more with two-tile steps, the M <= 128 rows after the zero points became int16 in memory
+# (KERNEL_ZERO_DTYPE: cheaper non-swapped tiles), and the INT3 M <= 16 and M = 128 rows with 2 stages after the
+# scales of late-scaled tiles were prefetched a group ahead.
 _CONFIGS = {
     4: (
         (1, 16, 64, 4, 3, 4, 0, 1),
@@ -475,11 +489,11 @@ _CONFIGS = {
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),
     3: (
-        (1, 16, 64, 4, 3, 4, 0, 1),
-        (16, 16, 64, 4, 3, 4, 0, 1),
+        (1, 16, 64, 4, 2, 4, 0, 1),
+        (16, 16, 64, 4, 2, 4, 0, 1),
         (32, 32, 64, 4, 3, 2, 0, 0),
         (64, 32, 64, 4, 3, 4, 0, 0),
-        (128, 32, 64, 4, 3, 4, 0, 0),
+        (128, 32, 64, 4, 2, 4, 0, 0),
         (256, 0, 128, 4, 1, 0, 0, 0),
         (1 << 62, 0, 64, 4, 1, 0, 0, 0),
     ),

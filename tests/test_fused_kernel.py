@@ -121,6 +121,11 @@ _CASES += [
     (1, 384, 64, 3, 16, 0, torch.float16),
     (17, 384, 64, 3, 0, 0, torch.bfloat16),
     (1, 640, 96, 4, 32, 128, torch.float32),
+    # Many salient tiles per split (S = 304: 19 tiles of 16 over 2 splits): the one-token rows, the 32-row tiles and
+    # the swapped 64-row tiles.
+    (1, 512, 64, 4, 304, 0, torch.float16),
+    (33, 512, 96, 3, 208, 0, torch.bfloat16),
+    (100, 512, 64, 4, 208, 0, torch.float32),
 ]
 
 
