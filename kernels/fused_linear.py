@@ -288,8 +288,7 @@ def _rosaq_linear_kernel(
     # ---- quantized part: K steps [ks_start, ks_end) of this split ----
     ks_start = pid_k * steps_per_split
     ks_end = min(ks_start + steps_per_split, (k_tiles + TPS - 1) // TPS)
-    LATE: tl.constexpr = LATE_SCALE and BLOCK_M > 1
-    if LATE:
+    if LATE_SCALE:
         # Scales that only meet the accumulator are not pipelined by Triton (only loads feeding a dot are): load
         # each group's one group ahead, in registers, so the load's latency hides behind a group of products.
         scale_next = _load_scales(sc_cols, ks_start * STEP, K, mask_n, stride_sg, GROUP_SIZE)
@@ -305,7 +304,7 @@ def _rosaq_linear_kernel(
             k_ok = (k0 + rows < K) | EVEN_K  # (EVEN_K: no step is padded, loads stay vectorized)
             if j % SPG == 0:
                 zero = _load_zeros(zp_cols, k0, K, mask_n, stride_zg, GROUP_SIZE)
-                if LATE:
+                if LATE_SCALE:
                     scale = scale_next
                     scale_next = _load_scales(sc_cols, k0 + SPG * SL, K, mask_n, stride_sg, GROUP_SIZE)
                 else:
