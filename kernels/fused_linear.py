@@ -290,7 +290,8 @@ def _rosaq_linear_kernel(
     ks_end = min(ks_start + steps_per_split, (k_tiles + TPS - 1) // TPS)
     if LATE_SCALE:
         # Scales that only meet the accumulator are not pipelined by Triton (only loads feeding a dot are): load
-        # each group's one group ahead, in registers, so the load's latency hides behind a group of products.
+        # each group's one group ahead, in registers, so the load's latency hides behind a group of products (a
+        # program's last prefetch reads a group it does not use, clamped to the last one: 2 bytes per output).
         scale_next = _load_scales(sc_cols, ks_start * STEP, K, mask_n, stride_sg, GROUP_SIZE)
     for ks in range(ks_start, ks_end):
         for j in tl.static_range(TPS * NSL):  # slice j of the step: slice j % NSL of tile kt
