@@ -1,6 +1,6 @@
 """Time the ROSAQ kernel per Llama-2-7B layer (sum of the four linears, S = 1 %) for given launch configs.
 
-    python benchmarks/ab_configs.py --bits 3 [--ms 1,16,32,64,128,256] [--candidates] [--extra 'CFG;CFG']
+    python benchmarks/ab_configs.py --bits 3 [--ms 1,16,32,64,128,256] [--candidates] [--extra 'CFG;CFG'] [--no-pdl]
 
 Prints, per M, the M-bucket table's config and (``--candidates``) the fastest of a short list of
 alternatives, with the per-linear µs (qkv / o / gate_up / down). For A/B runs between two trees, run it
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import bench_kernels as bk
+import rosaq_kernels.fused_linear as fl
 import torch
 from rosaq_kernels.fused_linear import _CONFIGS, fused_linear
 
@@ -33,7 +34,9 @@ def main() -> None:
     ap.add_argument("--ms", default="1,16,32,64,128,256")
     ap.add_argument("--candidates", action="store_true", help="also time the CANDIDATES of each M")
     ap.add_argument("--extra", default="", help="more configs for every M: 'bm,bn,warps,stages,waves,swap,late;...'")
+    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     args = ap.parse_args()
+    fl.PDL_ENABLED = not args.no_pdl
     extra = [tuple(int(v) for v in c.split(",")) for c in args.extra.split(";") if c]
     bits = args.bits
     gen = torch.Generator(device="cuda").manual_seed(1)

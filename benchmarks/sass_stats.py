@@ -77,7 +77,7 @@ def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, co
     )
     if bm == 0:
         raise ValueError(f"M={M}: the launch dequantizes and calls cuBLAS, no fused loop to compile")
-    constants = _linear_constexprs(bits, group_size, dtype, K, bm, bn, swap, late, tps, split) | dict(
+    constants = _linear_constexprs(bits, group_size, dtype, K, bm, bn, swap, late, tps, split, True) | dict(
         COMPILED=True, **dict.fromkeys(_UNIT_STRIDES, 1)
     )
     names = list(inspect.signature(_rosaq_linear_kernel.fn).parameters)

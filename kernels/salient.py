@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from rosaq_kernels.fused_linear import _interpreting
+from rosaq_kernels.fused_linear import _interpreting, _use_pdl
+from triton.language.extra.cuda import gdc_wait
 
 #: Most salient channels gathered and multiplied at once (more are processed in chunks of this many).
 MAX_BLOCK_S = 128
@@ -41,14 +42,17 @@ def _gathered_dot(x_ptr, idx_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, s0, S, 
 def _salient_addmm_kernel(
     x_ptr, idx_ptr, w_ptr, y_ptr, M, N, S,
     stride_xm, stride_xk, stride_ws, stride_wn, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FP32_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """``y += x[:, idx] · w`` (``w``: the salient weights as ``[S, N]``) for one ``[BLOCK_M, BLOCK_N]`` tile.
 
     The tile of ``y`` is loaded first (it does not depend on the product), then the salient channels in chunks of
     ``BLOCK_S`` (one chunk up to :data:`MAX_BLOCK_S` channels). ``FP32_DOT``: multiply in fp32 (IEEE), for fp32
-    activations and under Triton's interpreter, whose bf16 ``dot`` works on raw bits.
+    activations and under Triton's interpreter, whose bf16 ``dot`` works on raw bits. ``PDL``: launched early
+    (programmatic dependent launch, as ``rosaq_kernels.fused_linear``), so wait for Machete's output first.
     """
+    if PDL:
+        gdc_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,11 +89,12 @@ def salient_addmm_(y: torch.Tensor, x: torch.Tensor, salient_idx: torch.Tensor, 
         return y
     block_m, block_n, warps = config or ((16, 128, 4) if M <= 64 else (32, 256, 8))
     block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(S)))
+    pdl = _use_pdl(y.device)
     _salient_addmm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         x, salient_idx, salient_weight, y, M, N, S,
         x.stride(0), x.stride(1), salient_weight.stride(1), salient_weight.stride(0), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
-        FP32_DOT=x.dtype == torch.float32 or _interpreting(),
-        num_warps=warps, num_stages=2,
+        FP32_DOT=x.dtype == torch.float32 or _interpreting(), PDL=pdl,
+        num_warps=warps, num_stages=2, launch_pdl=pdl,
     )  # fmt: skip
     return y
