@@ -635,21 +635,26 @@ def _rot_block(B: int) -> int:
     raise ValueError(f"rotation block {B} must be a multiple of 16")
 
 
-def block_rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """``x [M, nb*B] · blockdiag(rot [nb, B, B])`` in ``x.dtype`` (fp32 accumulation), one Triton launch."""
+def block_rotate(x: torch.Tensor, rot: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x [M, nb*B] · blockdiag(rot [nb, B, B])`` in ``x.dtype`` (fp32 accumulation), one Triton launch.
+
+    ``config``: ``(BLOCK_M, BLOCK_I, BLOCK_J)`` instead of the default (benchmarks): rows, block rows per product and
+    block columns per program.
+    """
     M, K = x.shape
     nb, B, _ = rot.shape
     if nb * B != K:
         raise ValueError(f"rot {tuple(rot.shape)} does not cover K={K}")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    bi = _rot_block(B)
-    bm = 16 if M <= 16 else 64
-    grid = (triton.cdiv(M, bm), nb, B // bi)
+    bm, bi, bj = config or (16 if M <= 16 else 64, _rot_block(B), _rot_block(B))
+    if B % bi or B % bj:
+        raise ValueError(f"rotation tiles {bi} x {bj} do not divide the block {B}")
+    grid = (triton.cdiv(M, bm), nb, B // bj)
     pdl = _use_pdl(x.device)
     _block_rotate_kernel[grid](
         x, rot, out, M,
         x.stride(0), x.stride(1), rot.stride(0), rot.stride(1), rot.stride(2), out.stride(0), out.stride(1),
-        B=B, ACT=_ACT_KIND[x.dtype], BLOCK_M=bm, BLOCK_I=bi, BLOCK_J=bi, PDL=pdl,
+        B=B, ACT=_ACT_KIND[x.dtype], BLOCK_M=bm, BLOCK_I=bi, BLOCK_J=bj, PDL=pdl,
         num_warps=4, num_stages=2, launch_pdl=pdl,
     )  # fmt: skip
     return out

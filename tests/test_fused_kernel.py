@@ -302,3 +302,19 @@ def test_salient_addmm_adds_the_salient_product_in_place(M, K, N, S, dtype):
     _check(y, ref, dtype)
     with pytest.raises(ValueError, match="do not match"):
         salient_addmm_(y, x[1:], idx, w)
+
+
+@late
+@pytest.mark.parametrize("config", [None, (16, 128, 32), (16, 32, 64), (32, 64, 128)])
+def test_block_rotate_tiles(config):
+    """``block_rotate`` with its default and other tiles (rows, block rows per product, block columns per program)
+    against float64: x · blockdiag(rot) for a 128-channel block, rows not a multiple of the row tile."""
+    from rosaq_kernels.fused_linear import block_rotate
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(19, 256, generator=gen).half()
+    rot = torch.linalg.qr(torch.randn(2, 128, 128, generator=gen, dtype=torch.float64))[0]
+    ref = torch.cat([x.double()[:, b * 128 : (b + 1) * 128] @ rot[b] for b in range(2)], dim=1)
+    _check(block_rotate(x, rot.half(), config), ref, torch.float16)
+    with pytest.raises(ValueError, match="do not divide"):
+        block_rotate(x, rot.half(), (16, 48, 64))
