@@ -611,7 +611,8 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """At least ``tiles`` zeroed int32 counters on ``device``, kept for the life of the process.
 
     The kernel's last split of a tile resets its counter, so the buffer is zero again after every launch and
-    is shared by all linears of a stream (kernels of one stream never overlap). Allocated by ``prepare_weights``
+    is shared by all linears of a stream (a kernel touches memory only after the previous one on its stream has
+    finished, with programmatic dependent launch too: it waits first). Allocated by ``prepare_weights``
     (at load, before CUDA-graph capture) or on first use, grown if ever needed, never freed.
     """
     counters = _COUNTERS.get(device)
