@@ -7,7 +7,8 @@ with an online block rotation of 128), INT4 and INT3 with 3% salient channels, f
 M ∈ {1, 16, 64, 256, 1024, 4096}: fresh random codes, zero points, scales, salient channels and
 activations; the output buffer poisoned with NaN; compared with the torch reference in float32
 (TF32 off) by ‖y − ref‖ / ‖ref‖. Also: the checkpoint layout through ``torch.ops.rosaq.linear``, and
-replay under a CUDA graph with new input data; for INT4, the op's Machete path (``rosaq_kernels.machete``)
+replay under a CUDA graph with new input data; three dependent launches in one CUDA graph (programmatic
+dependent launch on and off); for INT4, the op's Machete path (``rosaq_kernels.machete``)
 from ``MACHETE_MIN_M`` rows on, fp16 and bf16, and its CUDA-graph replay. ``--variants`` also checks every
 tile orientation × scaling variant (swap, late scale) of the launch configs at M ∈ {1, 16, 64, 256}.
 Exits non-zero on any failure.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import rosaq_kernels.fused_linear as fl
 import rosaq_kernels.ops  # noqa: F401  (registers torch.ops.rosaq.linear)
 import torch
 from rosaq_kernels.fused_linear import fused_linear, prepare_weights
@@ -96,6 +98,54 @@ def check_machete(layer, prepared, W, K, N, name, gen) -> list[str]:
         torch.cuda.synchronize()
         _judge(f"W4 {name:8s} Machete path CUDA-graph replay M=64 {str(dt)[6:]}", out,
                reference(xs, W, sidx, sw, rot), dt, failures)
+    return failures
+
+
+def check_dependent_chain(prepared, W, sidx, sw, rot_used, bits, K, gen) -> list[str]:
+    """Programmatic dependent launch: each kernel must read what the kernel before it wrote.
+
+    One CUDA graph holds a copy into ``x`` (a torch kernel) and then three applications of a square layer, each
+    reading the previous output, at M = 1 and 64; the result is compared with the reference chain, and must be
+    bitwise equal with PDL off (the kernels are deterministic).
+    """
+    failures = []
+    for M in (1, 64):
+        src = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float16)
+        outs = {}
+        for pdl in (True, False):
+            fl.PDL_ENABLED = pdl
+            x = torch.zeros(M, K, dtype=torch.float16, device="cuda")
+            ys = [torch.empty(M, K, dtype=torch.float16, device="cuda") for _ in range(3)]
+
+            def chain(x=x, ys=ys, src=src):
+                x.copy_(src)
+                fused_linear(x, prepared, bits, GROUP, out=ys[0])
+                fused_linear(ys[0], prepared, bits, GROUP, out=ys[1])
+                fused_linear(ys[1], prepared, bits, GROUP, out=ys[2])
+
+            chain()  # compile / warm up outside capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                chain()
+            for y in ys:
+                y.fill_(float("nan"))
+            x.zero_()
+            g.replay()
+            torch.cuda.synchronize()
+            outs[pdl] = ys[2].clone()
+        fl.PDL_ENABLED = True
+        ref = src
+        for _ in range(3):
+            ref = reference(ref, W, sidx, sw, rot_used).half()
+        err = rel_err(outs[True], ref)
+        same = torch.equal(outs[True], outs[False])
+        ok = err < 3 * TOL[torch.float16] and same and not torch.isnan(outs[True]).any().item()
+        line = (f"{'ok ' if ok else 'FAIL'} W{bits} o        three dependent launches in a CUDA graph M={M} "
+                f"err={err:.2e} equal without PDL: {same}")  # fmt: skip
+        print(line, flush=True)
+        if not ok:
+            failures.append(line)
     return failures
 
 
@@ -192,6 +242,8 @@ def main() -> int:
                 print(line, flush=True)
                 if not ok:
                     failures.append(line)
+            if name == "o":
+                failures += check_dependent_chain(prepared, W, sidx, sw, rot_used, bits, K, gen)
             if bits == 4:
                 failures += check_machete(layer, prepared, W, K, N, name, gen)
             del W, layer, prepared
