@@ -583,9 +583,11 @@ def _linear_constexprs(
     )  # fmt: skip
 
 
-#: Launch the kernels with programmatic dependent launch where the GPU has it (Hopper and later); benchmarks
-#: turn it off for A/B runs.
-PDL_ENABLED = True
+#: Environment variable: ``0`` launches the kernels without programmatic dependent launch.
+PDL_ENV = "ROSAQ_PDL"
+#: Launch the kernels with programmatic dependent launch where the GPU has it (Hopper and later); ``ROSAQ_PDL=0``
+#: turns it off, and benchmarks toggle it for A/B runs.
+PDL_ENABLED = os.environ.get(PDL_ENV, "1") != "0"
 
 
 @functools.cache

@@ -318,3 +318,14 @@ def test_block_rotate_tiles(config):
     _check(block_rotate(x, rot.half(), config), ref, torch.float16)
     with pytest.raises(ValueError, match="do not divide"):
         block_rotate(x, rot.half(), (16, 48, 64))
+
+
+@pytest.mark.parametrize(("env", "enabled"), [(None, True), ("0", False), ("1", True)])
+def test_pdl_switch(env, enabled):
+    """``ROSAQ_PDL=0`` turns programmatic dependent launch off (read at import); never on the CPU."""
+    code = ("import torch, rosaq_kernels.fused_linear as fl; "
+            "print(fl.PDL_ENABLED, fl._use_pdl(torch.device('cpu')))")  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if k != "ROSAQ_PDL"} | ({"ROSAQ_PDL": env} if env else {})
+    run = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [str(enabled), "False"]
