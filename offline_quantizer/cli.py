@@ -62,11 +62,11 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="calibrate each layer on the outputs of the earlier layers once quantized")
     parser.add_argument("--complement", choices=COMPLEMENTS, default=None,
-                        help="basis of the quantized channels: 'random' (default with a rotation): the non-salient "
-                             "directions of every PCA basis mixed by a random orthogonal matrix, so that GPTQ has "
-                             "correlations to compensate with (in a PCA basis it has none); 'random-except-vo': the "
-                             "same but the per-head V/O bases (o_proj's input) stay PCA; 'pca': the PCA basis "
-                             "itself. Not applicable to --rotation none")
+                        help="basis of the quantized channels: 'random-except-vo' (default with a rotation): the "
+                             "non-salient directions of the residual-stream and down_proj bases mixed by a random "
+                             "orthogonal matrix, so that GPTQ has correlations to compensate with (in a PCA basis it "
+                             "has none), the per-head V/O bases (o_proj's input) left PCA; 'random': every basis "
+                             "mixed; 'pca': the PCA basis itself. Not applicable to --rotation none")
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=False,
                         help="search each group's range (shrunk by 1.0 to 0.21, least |error|^2.4, as GPTQ's and "
                         "QuaRot's mse quantizer) instead of its min/max")
@@ -77,7 +77,7 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
     """The :class:`QuantizeOptions` of parsed ``rosaq-quantize`` arguments (defaults resolved, validated)."""
-    complement = args.complement or ("pca" if args.rotation == "none" else "random")
+    complement = args.complement or ("pca" if args.rotation == "none" else "random-except-vo")
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.gptq and args.act_order,

@@ -147,8 +147,9 @@ def test_cli_complement_default_follows_the_rotation(capsys) -> None:
     def complement(*flags: str) -> str:
         return quantize_options(parser.parse_args(["model", "out", *flags])).complement
 
-    assert complement() == "random"
-    assert complement("--rotation", "per-layer") == "random"
+    assert complement() == "random-except-vo"
+    assert complement("--rotation", "per-layer") == "random-except-vo"
+    assert complement("--complement", "random") == "random"
     assert complement("--rotation", "none") == "pca"
     assert complement("--complement", "pca") == "pca"
     with pytest.raises(SystemExit) as exit_info:
