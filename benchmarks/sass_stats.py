@@ -62,7 +62,8 @@ class LoopStats:
     programs_per_sm: int
     total_instructions: int  # static count of the whole kernel (the loop once): prologue, salient part, epilogue
     loop_instructions: int
-    opcodes: collections.Counter[str]
+    opcodes: collections.Counter[str]  # of the K loop
+    sequence: list[str]  # the whole kernel's opcodes in address order
 
 
 def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, config: tuple[int, ...] | None = None,
@@ -133,7 +134,8 @@ def loop_stats(kernel: triton.compiler.CompiledKernel) -> LoopStats:
         raise ValueError("no loop in the kernel's SASS")
     start, end = max(loops, key=lambda span: span[1] - span[0])
     body = [opcode for address, opcode, _ in instructions if start <= address <= end]
-    return LoopStats(registers, local_bytes, shared, programs, len(instructions), len(body), collections.Counter(body))
+    return LoopStats(registers, local_bytes, shared, programs, len(instructions), len(body), collections.Counter(body),
+                     [opcode for _, opcode, _ in instructions])
 
 
 def main() -> None:
