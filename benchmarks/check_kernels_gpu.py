@@ -109,6 +109,7 @@ def check_dependent_chain(prepared, W, sidx, sw, rot_used, bits, K, gen) -> list
     bitwise equal with PDL off (the kernels are deterministic).
     """
     failures = []
+    configured = fl.PDL_ENABLED  # (ROSAQ_PDL), restored for the checks after this one
     for M in (1, 64):
         src = torch.randn(M, K, generator=gen, device="cuda", dtype=torch.float16)
         outs = {}
@@ -134,7 +135,7 @@ def check_dependent_chain(prepared, W, sidx, sw, rot_used, bits, K, gen) -> list
             g.replay()
             torch.cuda.synchronize()
             outs[pdl] = ys[2].clone()
-        fl.PDL_ENABLED = True
+        fl.PDL_ENABLED = configured
         ref = src
         for _ in range(3):
             ref = reference(ref, W, sidx, sw, rot_used).half()
