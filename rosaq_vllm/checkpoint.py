@@ -18,7 +18,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -601,9 +601,3 @@ def write_config(out_dir: Path, hf_config: Mapping[str, Any], cfg: RosaqQuantCon
     config["quantization_config"] = cfg.to_dict()
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-
-def quantized_projection_names(hf_config: Mapping[str, Any]) -> Iterable[str]:
-    """Module names of every quantized projection, in layer order."""
-    for layer in range(_config_int(hf_config, "num_hidden_layers")):
-        for projection in QUANTIZED_LINEARS:
-            yield projection_prefix(layer, projection)
