@@ -1,12 +1,14 @@
 """Tables (markdown) and the perplexity-vs-bits plot of the accuracy results JSON files.
 
 Usage: python benchmarks/accuracy_report.py bench_runs/accuracy-smollm2.json [MORE.json ...]
-[--plot docs/accuracy-smollm2.png]
-Several files: their rows together, a later file's row winning on the same key. The plot needs matplotlib.
+[--plot docs/accuracy-smollm2.png] [--only REGEX] [--title TITLE]
+Several files: their rows together, a later file's row winning on the same key. ``--only``: the rows whose key
+matches REGEX (and fp16). The plot needs matplotlib; rows that differ only in their mixing seed share one series.
 """
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 LABELS = {"none": "original space", "absorbed": "ROSAQ absorbed", "per-layer": "ROSAQ per-layer"}
@@ -71,7 +73,8 @@ def plot(results: dict, path: Path, title: str) -> None:
         if key == "fp16":
             continue
         parts = key.split("|")  # rotation, W/g, K, rounding, flags ("ao", "seq", "mix", "mix-novo")
-        name = parts[0] if key.startswith("llmc-") else f"{LABELS[parts[0]]} {'+'.join(parts[3:])}"
+        flags = [p for p in parts[3:] if not re.fullmatch(r"seed\d+", p)]
+        name = parts[0] if key.startswith("llmc-") else f"{LABELS[parts[0]]} {'+'.join(flags)}"
         bits = row.get("bits_format2", row["bits"])  # rows measured before format 2: their format-2 bits
         series.setdefault(name, []).append((bits, row["eval"][text]["ppl"]))
     for name, pts in sorted(series.items()):
@@ -92,8 +95,11 @@ def main() -> None:
     parser.add_argument("results", nargs="+")
     parser.add_argument("--plot")
     parser.add_argument("--title", default="")
+    parser.add_argument("--only", help="regular expression: keep the rows whose key matches it (and fp16)")
     args = parser.parse_args()
     results = {key: row for path in args.results for key, row in json.loads(Path(path).read_text()).items()}
+    if args.only:
+        results = {key: row for key, row in results.items() if key == "fp16" or re.fullmatch(args.only, key)}
     print(table(results))
     if args.plot:
         plot(results, Path(args.plot), args.title)

@@ -240,3 +240,28 @@ def test_absorbed_rotation_is_exact_in_float32(tiny_model_dir, arch: str) -> Non
         expected = load_reference_model_fp(model_dir)(input_ids=ids).logits
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_accuracy_report_only_keeps_matching_rows(tmp_path: Path, monkeypatch, capsys) -> None:
+    from benchmarks import accuracy_report
+
+    def row(ppl: float, bits: float) -> dict:
+        bins = {"1-2": 9.0, "128-end": 3.0}
+        return {"bits": bits, "bits_with_rot": bits, "salient": {"576": [0]},
+                "eval": {"wt2": {"ppl": ppl, "nll_bins": bins}}}
+
+    results = {
+        "fp16": {"bits": 16.0, "bits_with_rot": 16.0,
+                 "eval": {"wt2": {"ppl": 20.5, "nll_bins": {"1-2": 8.0, "128-end": 2.9}}}},
+        "none|w3g64|k0|gptq|ao|seq": row(44.17, 3.297),
+        "absorbed|w3g64|k0|gptq|ao|seq|mix-novo|seed1": row(39.29, 3.297),
+        "absorbed|w3g64|k0|gptq|ao|seq|mix": row(50.24, 3.297),
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    only = r"none\|.*|absorbed\|.*\|mix-novo(\|seed\d+)?"
+    monkeypatch.setattr("sys.argv", ["accuracy_report.py", str(path), "--only", only])
+    accuracy_report.main()
+    table = capsys.readouterr().out
+    assert "44.17" in table and "39.29" in table and "20.50" in table
+    assert "50.24" not in table  # the `mix` row does not match
