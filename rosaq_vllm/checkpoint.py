@@ -600,4 +600,3 @@ def write_config(out_dir: Path, hf_config: Mapping[str, Any], cfg: RosaqQuantCon
     config = dict(hf_config)
     config["quantization_config"] = cfg.to_dict()
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
