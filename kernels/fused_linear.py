@@ -34,7 +34,7 @@ Structure (in the style of Triton's matmul tutorial):
     activation dtype) and multiplied into one fp32 accumulator, or (``LATE_SCALE``) each group's exact partial
     product is multiplied by its scales in fp32 (loaded a group ahead: Triton pipelines only loads that feed a
     product, and these scales meet the accumulator); for INT4 a group's even and odd slices go into two partial
-    products, two independent tensor-core chains (``PAIRED``). The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or
+    products, two independent tensor-core chains (``TWO_CHAINS``). The product is ``[BLOCK_M, 32] · [32, BLOCK_N]``, or
     (``SWAP``) ``deq(W) · x'ᵀ`` as ``[BLOCK_N, 32] · [32, BLOCK_M]``, which makes the dequantized weights the
     register operand of Hopper's ``wgmma`` instead of a round trip through shared memory.
   - ``BLOCK_M == 1`` (one token, decode at batch 1): no tensor cores; ``sum (code - zero) · x`` as fp32
@@ -243,7 +243,7 @@ def _rosaq_linear_kernel(
     SL: tl.constexpr, NSL: tl.constexpr, TPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT: tl.constexpr, COMPILED: tl.constexpr, PDL: tl.constexpr, PAIRED: tl.constexpr,
+    SPLIT: tl.constexpr, COMPILED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``y`` over the K steps (``TPS`` K tiles each) of split ``program_id(1)``.
 
@@ -281,9 +281,11 @@ def _rosaq_linear_kernel(
     # that share one scale (one quantization group) inside a step; 1 when groups and steps do not nest.
     STEP: tl.constexpr = TILE * TPS
     SPG: tl.constexpr = (GROUP_SIZE // SL) if STEP % GROUP_SIZE == 0 else (NSL * TPS if GROUP_SIZE % STEP == 0 else 1)
-    # Late-scaled groups of an even number of slices: even and odd slices accumulate into two partial products, so
-    # two tensor-core chains run side by side (PAIRED: the host's choice, see _linear_constexprs).
-    TWO_CHAINS: tl.constexpr = PAIRED and LATE_SCALE and SPG % 2 == 0
+    # INT4 late-scaled groups of an even number of slices: even and odd slices accumulate into two partial products,
+    # so two tensor-core chains run side by side. On an H100 the W4 layer got 1.6 % faster at M = 1 and 16 (96 -> 128
+    # registers, 4 programs per SM, enough for every M <= 16 grid); INT3 (128 -> 168 registers, 3 programs per SM)
+    # lost 2.7 % at M = 1, so it keeps one chain (BENCHMARKS.md, 2026-12-06).
+    TWO_CHAINS: tl.constexpr = BITS == 4 and LATE_SCALE and SPG % 2 == 0
     rows = tl.arange(0, SL)
 
     if BLOCK_M == 1:
@@ -585,17 +587,12 @@ def _linear_constexprs(
     bits: int, group_size: int, act_dtype: torch.dtype, K: int, bm: int, bn: int, swap: bool, late: bool, tps: int,
     split: int, pdl: bool,
 ) -> dict[str, int | bool]:
-    """The ``tl.constexpr`` arguments of ``_rosaq_linear_kernel`` for a config of :func:`_pick_config`.
-
-    ``PAIRED`` (two partial products per late-scaled group) for INT4 only: on an H100 it made the W4 layer 1.6 % faster
-    at M = 1 and 16 (96 -> 128 registers, 4 programs per SM, enough for every M <= 16 grid), while INT3 (128 -> 168
-    registers, 3 programs per SM) lost 2.7 % at M = 1 (BENCHMARKS.md, 2026-12-06).
-    """
+    """The ``tl.constexpr`` arguments of ``_rosaq_linear_kernel`` for a config of :func:`_pick_config`."""
     return dict(
         BITS=bits, GROUP_SIZE=group_size, ACT=_ACT_KIND[act_dtype], SL=SLICE, NSL=SLICES[bits], TPS=tps,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_S=SALIENT_BLOCK, GROUP_M=_GROUP_M, SWAP=swap and bm > 1,
         LATE_SCALE=late and bm > 1, EVEN_K=K % (TILE[bits] * tps) == 0, SPLIT=split > 1, COMPILED=not _interpreting(),
-        PDL=pdl, PAIRED=bits == 4,
+        PDL=pdl,
     )  # fmt: skip
 
 
