@@ -9,8 +9,8 @@ have no fused loop and are skipped), ``_rosaq_linear_kernel`` is compiled by the
 pointers, shapes and the other strides divisible by 16), the cubin's resource usage is read with
 ``cuobjdump``, and its SASS is split at the backward branches: the K loop is the longest loop body. Printed per
 config: registers, local memory (spills), shared memory, the programs one SM holds (H100 / H200 limits), the kernel's
-static instruction count (everything outside the K loop runs once per program), the K loop's instructions per K step
-and its opcode counts.
+static instruction count (everything outside the K loop runs once per program), the K loop's instructions per K step,
+its ``cp.async`` copies in the TTGIR (none: Triton did not software-pipeline the loop) and its opcode counts.
 
 Instruction counts are what an A/B on the GPU cannot show (BENCHMARKS.md uses them to explain timings), and they
 need no GPU. They are Triton-version specific: the GPU image runs Triton 3.6.0, this repo's CPU venv a newer
@@ -64,6 +64,7 @@ class LoopStats:
     loop_instructions: int
     opcodes: collections.Counter[str]  # of the K loop
     sequence: list[str]  # the whole kernel's opcodes in address order
+    async_copies: int  # cp.async copies in the TTGIR (0: Triton did not software-pipeline the K loop)
 
 
 def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, config: tuple[int, ...] | None = None,
@@ -135,7 +136,7 @@ def loop_stats(kernel: triton.compiler.CompiledKernel) -> LoopStats:
     start, end = max(loops, key=lambda span: span[1] - span[0])
     body = [opcode for address, opcode, _ in instructions if start <= address <= end]
     return LoopStats(registers, local_bytes, shared, programs, len(instructions), len(body), collections.Counter(body),
-                     [opcode for _, opcode, _ in instructions])
+                     [opcode for _, opcode, _ in instructions], kernel.asm["ttgir"].count("async_copy_global_to_local"))
 
 
 def main() -> None:
@@ -150,19 +151,19 @@ def main() -> None:
     K, N = (int(v) for v in args.shape.split("x"))
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, K={K} N={N}")
     print("| bits | M | config | registers | local bytes | shared KB | programs per SM | kernel instructions | "
-          "K-loop instructions | top opcodes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "K-loop instructions | async copies | top opcodes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for bits in args.bits:
         for M in (int(m) for m in args.ms.split(",")):
             config = next(row[1:] for row in _CONFIGS[bits] if M <= row[0])
             if config[0] == 0:
-                print(f"| {bits} | {M} | {config} | – | – | – | – | – | – | dequantize + cuBLAS |")
+                print(f"| {bits} | {M} | {config} | – | – | – | – | – | – | – | dequantize + cuBLAS |")
                 continue
             stats = loop_stats(compile_for_hopper(M, N, K, bits, dtype, config))
             top = ", ".join(f"{op} {n}" for op, n in stats.opcodes.most_common(args.top))
             print(f"| {bits} | {M} | {config} | {stats.registers} | {stats.local_bytes} | "
                   f"{stats.shared_bytes / 1024:.1f} | {stats.programs_per_sm} | {stats.total_instructions} | "
-                  f"{stats.loop_instructions} | {top} |")
+                  f"{stats.loop_instructions} | {stats.async_copies} | {top} |")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from benchmarks.sass_stats import compile_for_hopper, loop_stats
 bits, M, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
 stats = loop_stats(compile_for_hopper(M, 4096, 4096, bits, dtype))  # the launch table's row for M
 print(json.dumps({"local": stats.local_bytes, "programs": stats.programs_per_sm, "total": stats.total_instructions,
-                  "loop": stats.loop_instructions, "opcodes": dict(stats.opcodes), "sass": stats.sequence}))
+                  "loop": stats.loop_instructions, "opcodes": dict(stats.opcodes), "sass": stats.sequence,
+                  "async": stats.async_copies}))
 """
 
 
@@ -43,6 +44,7 @@ def test_table_configs_compile_for_hopper_without_spills(bits: int, M: int, dtyp
     # thread holds 128 W4 codes of a K tile; the few conversions left are of group parameters)
     assert opcodes.get("LOP3", 0) > 32 and opcodes.get("I2F", 0) < 16, opcodes
     assert 0 < stats["loop"] < stats["total"] and stats["programs"] >= 1
+    assert stats["async"] > 0, "the K loop's loads are not software-pipelined (no cp.async)"
     # programmatic dependent launch: the grid-dependency wait (ACQBULK) comes before the first global memory access
     memory = [i for i, op in enumerate(stats["sass"]) if op in _GLOBAL_MEMORY_OPCODES]
     assert "ACQBULK" in stats["sass"] and memory and stats["sass"].index("ACQBULK") < memory[0], stats["sass"][:40]
