@@ -55,7 +55,10 @@ Structure (in the style of Triton's matmul tutorial):
   kernel. It is not fused: the main kernel splits N over many programs, and each would have to redo
   the rotation of its x tile and re-read ``rot`` (``K·B`` elements; B/BLOCK_N times the GEMM's flops),
   which costs more than one extra pass over x (``M·K`` elements). Measured on an H100 (Llama-2-7B down_proj,
-  block 128, W4, M = 1): 19.8 µs with the rotation launch, 17.0 µs without (BENCHMARKS.md).
+  block 128, W4, M = 1): 19.8 µs with the rotation launch, 17.0 µs without (BENCHMARKS.md). Rotating programs in the
+  same launch, ahead of output programs that wait for their count, measured 1.4–1.9 µs slower than the separate
+  launch (BENCHMARKS.md, 2026-12-06): they push output programs out of the first wave, and with programmatic
+  dependent launch the separate launch already overlaps the GEMM's start with the rotation.
 * Programmatic dependent launch (Hopper and later, :data:`PDL_ENABLED`): both kernels are launched with
   ``launch_pdl`` and wait for the previous kernel on the stream (``gdc_wait``) before their first memory access,
   so their launch and set-up overlap its tail. Neither signals its own dependents early: a kernel placed on the
