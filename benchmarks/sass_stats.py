@@ -10,7 +10,7 @@ pointers, shapes and the other strides divisible by 16), the cubin's resource us
 ``cuobjdump``, and its SASS is split at the backward branches: the K loop is the longest loop body. Printed per
 config: registers, local memory (spills), shared memory, the programs one SM holds (H100 / H200 limits), the kernel's
 static instruction count (everything outside the K loop runs once per program), the K loop's instructions per K step,
-its ``cp.async`` copies in the TTGIR (none: Triton did not software-pipeline the loop) and its opcode counts.
+the ``cp.async`` copies in the kernel's TTGIR (none: Triton software-pipelined no loop) and the K loop's opcodes.
 
 Instruction counts are what an A/B on the GPU cannot show (BENCHMARKS.md uses them to explain timings), and they
 need no GPU. They are Triton-version specific: the GPU image runs Triton 3.6.0, this repo's CPU venv a newer
@@ -64,7 +64,7 @@ class LoopStats:
     loop_instructions: int
     opcodes: collections.Counter[str]  # of the K loop
     sequence: list[str]  # the whole kernel's opcodes in address order
-    async_copies: int  # cp.async copies in the TTGIR (0: Triton did not software-pipeline the K loop)
+    async_copies: int  # cp.async copies in the whole kernel's TTGIR (0: no loop is software-pipelined)
 
 
 def compile_for_hopper(M: int, N: int, K: int, bits: int, dtype: torch.dtype, config: tuple[int, ...] | None = None,
