@@ -31,3 +31,39 @@ def test_build_and_quantize_tiny(tmp_path: Path) -> None:
         cfg = validate_checkpoint(out / f"rosaq-w{bits}", check_values=True)
         assert cfg.bits == bits and cfg.group_size == 128
     assert sorted(p.name for p in (out / "results").glob("quantize-*.json")) == ["quantize-w3.json", "quantize-w4.json"]
+
+
+def test_profile_decode_per_step_and_categories(tmp_path: Path) -> None:
+    import profile_decode
+
+    # Kernel names as vLLM 0.26 / Triton / CUTLASS print them (shortened).
+    names = {
+        "_rosaq_linear_kernel": "ROSAQ linear (Triton)",
+        "_block_rotate_kernel": "ROSAQ rotation (Triton)",
+        "_salient_addmm_kernel": "ROSAQ salient pass (Triton)",
+        "void cutlass::device_kernel<machete::MacheteKernelTemplate<cutlass::half_t>>(Params)": "Machete",
+        "void MARLIN_NAMESPACE_NAME::Marlin<(vllm::ScalarTypeId)4, 256, 1, 8>(int4 const*)": "Marlin",
+        "void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>(Flash_fwd_params)": "attention",
+        "nvjet_hsh_128x64_64x5_1x2_h_bz_coopA_NTN": "dense GEMM (cuBLAS / CUTLASS)",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": profile_decode.OTHER,
+    }
+    assert {name: profile_decode.categorize(name) for name in names} == names
+
+    prefill = {"a": [4, 40.0], "b": [1, 100.0], "same": [2, 7.0]}
+    full = {"a": [4 + 3 * 8, 40.0 + 3 * 8 * 2.5], "b": [1, 100.0], "c": [8, 16.0], "same": [2, 7.0]}
+    steps = profile_decode.per_step(prefill, full, 8)
+    assert steps == {"a": {"count": 3.0, "us": 7.5}, "c": {"count": 1.0, "us": 2.0}}
+
+    results = tmp_path / "results"
+    results.mkdir()
+    meta = {"date": "d", "gpu": "g", "torch": "t", "triton": "tr", "vllm": "v"}
+    for config, us in (("rosaq-w4", 7.5), ("awq-marlin", 5.0)):
+        row = {"batch": 1, "steps": 8, "wall_ms_per_step": 1.25, "gpu_us_per_step": us,
+               "kernels": {"_rosaq_linear_kernel" if config == "rosaq-w4" else "Marlin<4>": {"count": 3.0, "us": us}}}
+        (results / f"profile-{config}.json").write_text(json.dumps({"config": config, "rows": [row], **meta}))
+    profile_decode.main(["report", "--out", str(tmp_path)])
+    text = (tmp_path / "profile.md").read_text()  # columns in file order: awq-marlin, rosaq-w4
+    assert "| | awq-marlin | rosaq-w4 |" in text
+    assert "| ROSAQ linear (Triton) | – | 8 (3 launches) |" in text
+    assert "| Marlin | 5 (3 launches) | – |" in text
+    assert "| wall per step, µs (median) | 1250 | 1250 |" in text
