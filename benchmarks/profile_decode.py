@@ -33,8 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
 
-#: (category, regular expression on the kernel name), first match wins.
+#: (category, regular expression on the kernel name), first match wins. torch.compile's own Triton kernels come first:
+#: their names list the ops they fused, e.g. ``triton_red_fused_fused_add_rms_norm_marlin_gemm_2`` (a norm that feeds
+#: a Marlin GEMM).
 CATEGORIES = (
+    ("norms, activation, rotary (torch.compile)", re.compile(r"^triton_(poi|red|per)_")),
     ("ROSAQ linear (Triton)", re.compile(r"_rosaq_linear_kernel")),
     ("ROSAQ rotation (Triton)", re.compile(r"_block_rotate_kernel")),
     ("ROSAQ salient pass (Triton)", re.compile(r"_salient_addmm_kernel")),
@@ -42,8 +45,9 @@ CATEGORIES = (
     ("Marlin", re.compile(r"marlin", re.I)),
     ("attention", re.compile(r"flash|attn|attention|paged|fmha", re.I)),
     ("dense GEMM (cuBLAS / CUTLASS)", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|ampere_|cublas", re.I)),
+    ("memset", re.compile(r"^Memset")),
 )
-OTHER = "other (norms, activation, rotary, KV-cache writes, sampling, copies)"
+OTHER = "other (KV-cache writes, sampling, input preparation, copies)"
 
 
 def categorize(kernel: str) -> str:
@@ -166,6 +170,8 @@ def report(args: argparse.Namespace) -> str:
                                                            for c in configs) + " |")
         lines.append("| GPU kernels per step, µs | " + " | ".join(f"{cells[c]['gpu_us_per_step']:.0f}" for c in configs)
                      + " |")
+        lines.append("| wall minus kernels, µs | " + " | ".join(
+            f"{cells[c]['wall_ms_per_step'] * 1e3 - cells[c]['gpu_us_per_step']:.0f}" for c in configs) + " |")
         by_cat = {c: {} for c in configs}
         for c in configs:
             for name, k in cells[c]["kernels"].items():

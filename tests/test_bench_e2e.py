@@ -45,7 +45,9 @@ def test_profile_decode_per_step_and_categories(tmp_path: Path) -> None:
         "void MARLIN_NAMESPACE_NAME::Marlin<(vllm::ScalarTypeId)4, 256, 1, 8>(int4 const*)": "Marlin",
         "void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>(Flash_fwd_params)": "attention",
         "nvjet_hsh_128x64_64x5_1x2_h_bz_coopA_NTN": "dense GEMM (cuBLAS / CUTLASS)",
-        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": profile_decode.OTHER,
+        "triton_red_fused_fused_add_rms_norm_marlin_gemm_2": "norms, activation, rotary (torch.compile)",
+        "Memset (Device)": "memset",
+        "_compute_slot_mappings_kernel": profile_decode.OTHER,
     }
     assert {name: profile_decode.categorize(name) for name in names} == names
 
@@ -67,3 +69,4 @@ def test_profile_decode_per_step_and_categories(tmp_path: Path) -> None:
     assert "| ROSAQ linear (Triton) | – | 8 (3 launches) |" in text
     assert "| Marlin | 5 (3 launches) | – |" in text
     assert "| wall per step, µs (median) | 1250 | 1250 |" in text
+    assert "| wall minus kernels, µs | 1245 | 1242 |" in text
