@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> None:
     for config in args.configs:
         kwargs, env = bench_e2e._engine_args(args.out, config, 1, args.max_model_len, args.gpu_memory_utilization,
                                              False)
-        cmd = [sys.executable, __file__, "worker", "--config", config, "--engine", json.dumps(kwargs),
-               "--env", json.dumps(env), "--result", str(results / f"profile-{config}.json"),
+        label = config + args.label
+        cmd = [sys.executable, __file__, "worker", "--config", label, "--engine", json.dumps(kwargs),
+               "--env", json.dumps(env), "--result", str(results / f"profile-{label}.json"),
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
         print(f"=== {config}: {env}", flush=True)
         command = shlex.join([sys.executable, *sys.argv])
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     r.add_argument("--steps", type=int, default=64, help="decode steps profiled (after the 1-token prefill run)")
     r.add_argument("--repeats", type=int, default=3, help="wall-time measurements per batch size (median)")
+    r.add_argument("--label", default="", help="suffix of the configs' names in the results (e.g. '-nopdl' for a run "
+                   "under a different environment)")
     r.add_argument("--max-model-len", type=int, default=512)
     r.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     w = sub.add_parser("worker")
