@@ -13,8 +13,9 @@ Each config runs in a fresh process with the engine in that process (``VLLM_ENAB
 * GPU time of a decode step per kernel: the same subtraction on the profiled kernel totals (a profiled
   ``generate`` of ``1 + steps`` tokens minus one of 1 token), divided by ``steps``.
 
-The report groups kernels into linears (ROSAQ's Triton kernels, vLLM's W4 kernels, dense GEMMs: lm_head and fp16
-linears), attention and the rest, and lists the largest kernels, in µs per decode step.
+The report groups kernels by :data:`CATEGORIES` (ROSAQ's Triton kernels, vLLM's W4 kernels, dense GEMMs: lm_head and
+fp16 linears, attention, torch.compile's fused elementwise kernels, the rest) and lists the largest kernels, in µs
+per decode step.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ CATEGORIES = (
     ("ROSAQ salient pass (Triton)", re.compile(r"_salient_addmm_kernel")),
     ("Machete", re.compile(r"machete", re.I)),
     ("Marlin", re.compile(r"marlin", re.I)),
-    ("attention", re.compile(r"flash|attn|attention|paged|fmha", re.I)),
+    ("attention (with the KV-cache writes)", re.compile(r"flash|attn|attention|paged|fmha", re.I)),
     ("dense GEMM (cuBLAS / CUTLASS)", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|ampere_|cublas", re.I)),
     ("memset", re.compile(r"^Memset")),
 )
-OTHER = "other (KV-cache writes, sampling, input preparation, copies)"
+OTHER = "other (sampling, input preparation, copies)"
 
 
 def categorize(kernel: str) -> str:

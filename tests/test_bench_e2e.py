@@ -43,7 +43,8 @@ def test_profile_decode_per_step_and_categories(tmp_path: Path) -> None:
         "_salient_addmm_kernel": "ROSAQ salient pass (Triton)",
         "void cutlass::device_kernel<machete::MacheteKernelTemplate<cutlass::half_t>>(Params)": "Machete",
         "void MARLIN_NAMESPACE_NAME::Marlin<(vllm::ScalarTypeId)4, 256, 1, 8>(int4 const*)": "Marlin",
-        "void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>(Flash_fwd_params)": "attention",
+        "void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>(Flash_fwd_params)":
+            "attention (with the KV-cache writes)",
         "nvjet_hsh_128x64_64x5_1x2_h_bz_coopA_NTN": "dense GEMM (cuBLAS / CUTLASS)",
         "triton_red_fused_fused_add_rms_norm_marlin_gemm_2": "norms, activation, rotary (torch.compile)",
         "Memset (Device)": "memset",
