@@ -191,7 +191,8 @@ def report(args: argparse.Namespace) -> str:
             lines += [f"{c}, largest kernels (µs per step, launches per step):", ""]
             lines += [f"    {k['us']:9.1f} {k['count']:6.1f}  {name[:150]}" for name, k in top]
             lines.append("")
-    text = "\n".join(lines)
+    lines += ["Commands:", "", *[f"    {c}" for c in sorted({r.get("command", "") for r in runs} - {""})]]
+    text = "\n".join(lines) + "\n"
     (args.out / "profile.md").write_text(text)
     print(text)
     return text
