@@ -27,6 +27,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {
@@ -246,6 +250,15 @@ def _engine_args(out: Path, config: str, tp: int, max_len: int, gpu_util: float,
     return kwargs, env
 
 
+def random_prompts(n: int, vocab: int, gen: torch.Generator) -> list[dict]:
+    """``n`` prompts of :data:`PROMPT_LEN` random token ids (away from the vocabulary's ends), as ``llm.generate``
+    takes them; drawn from ``gen`` (a CPU generator) so every config sees the same prompts."""
+    import torch
+
+    return [{"prompt_token_ids": torch.randint(10, vocab - 10, (PROMPT_LEN,), generator=gen).tolist()}
+            for _ in range(n)]
+
+
 def worker(args: argparse.Namespace) -> None:
     """One engine, one config (runs in its own process): generated tokens/s per batch size."""
     import torch
@@ -262,10 +275,7 @@ def worker(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for bs in args.batches:
-        prompts = [
-            {"prompt_token_ids": torch.randint(10, vocab - 10, (PROMPT_LEN,), generator=gen).tolist()}
-            for _ in range(bs)
-        ]
+        prompts = random_prompts(bs, vocab, gen)
         sp = SamplingParams(
             max_tokens=args.gen_len, min_tokens=args.gen_len, ignore_eos=True, temperature=0.0, detokenize=False
         )

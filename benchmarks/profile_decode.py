@@ -116,9 +116,7 @@ def worker(args: argparse.Namespace) -> None:
 
     rows = []
     for bs in args.batches:
-        prompts = [{"prompt_token_ids": torch.randint(10, vocab - 10, (bench_e2e.PROMPT_LEN,), generator=gen).tolist()}
-                   for _ in range(bs)]
-
+        prompts = bench_e2e.random_prompts(bs, vocab, gen)
         generate(llm, prompts, params(8))  # warm-up
         walls = [(generate(llm, prompts, params(1 + args.steps)) - generate(llm, prompts, params(1))) / args.steps
                  for _ in range(args.repeats)]
@@ -140,6 +138,7 @@ def worker(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     results = args.out / "results"
     results.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([sys.executable, *sys.argv])
     for config in args.configs:
         kwargs, env = bench_e2e._engine_args(args.out, config, 1, args.max_model_len, args.gpu_memory_utilization,
                                              False)
@@ -148,7 +147,6 @@ def run(args: argparse.Namespace) -> None:
                "--env", json.dumps(env), "--result", str(results / f"profile-{label}.json"),
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
         print(f"=== {config}: {env}", flush=True)
-        command = shlex.join([sys.executable, *sys.argv])
         proc = subprocess.run(cmd, env={**bench_e2e._env(), **env, "BENCH_E2E_COMMAND": command}, check=False)
         if proc.returncode:
             print(f"!!! {config} failed with exit code {proc.returncode}", flush=True)
