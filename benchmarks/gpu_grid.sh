@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs ON the lent GPU machine, from the repo root, once the Qwen bundle of benchmarks/gpu_carry.sh is unpacked
 # (/root/carry-qwen): accuracy grid rows of Qwen2.5-Coder-0.5B at the full budget of docs/accuracy.md (32,768 Wikipedia
-# tokens at context 2048, 128 × 512 C4 calibration tokens, g128, GPTQ with act order, sequential calibration), one
-# `eval_accuracy.py grid` call per spec, while the time budget lasts.
+# tokens at context 2048, 128 × 512 C4 calibration tokens, g128, GPTQ with act order (ACT_ORDER=0: without), sequential
+# calibration), one `eval_accuracy.py grid` call per spec, while the time budget lasts.
 #
-#   usage: SPECS="BITS GRID-ARGS;BITS GRID-ARGS;..." [BUDGET=480] [ROW_S=80] bash benchmarks/gpu_grid.sh [SEED_RESULTS]
+#   usage: SPECS="BITS GRID-ARGS;BITS GRID-ARGS;..." [BUDGET=480] [ROW_S=80] [ACT_ORDER=1] bash benchmarks/gpu_grid.sh [SEED_RESULTS]
 #   e.g.   SPECS="4 --rotations none --salient 0 --calib-offset 128;4 --rotations absorbed --complement random \
 #            --salient 0 --seed 1" bash benchmarks/gpu_grid.sh benchmarks/results/accuracy-qwen-full-2026-12-05-night.json
 #
@@ -19,7 +19,8 @@ results=$out/acc-qwen-full.json
 source benchmarks/device_env.sh
 export ROSAQ_CACHE=/root/carry-qwen/cache PYTHONPATH="/root/carry-qwen/site:$PYTHONPATH"
 common=(--model qwen --texts wiki --max-tokens 32768 --context 2048 --num-samples 128 --seq-len 512
-        --device cuda --batch-size 8 --gptq on --act-order --sequential)
+        --device cuda --batch-size 8 --gptq on --sequential)
+[ "${ACT_ORDER:-1}" = 0 ] || common+=(--act-order)
 IFS=';' read -ra specs <<< "${SPECS:?SPECS: BITS GRID-ARGS separated by ;}"
 start=$SECONDS
 for spec in "${specs[@]}"; do
