@@ -4,7 +4,8 @@
 # tokens at context 2048, 128 × 512 C4 calibration tokens, g128, GPTQ with act order (ACT_ORDER=0: without), sequential
 # calibration), one `eval_accuracy.py grid` call per spec, while the time budget lasts.
 #
-#   usage: SPECS="BITS GRID-ARGS;BITS GRID-ARGS;..." [BUDGET=480] [ROW_S=80] [ACT_ORDER=1] bash benchmarks/gpu_grid.sh [SEED_RESULTS]
+#   usage: SPECS="BITS GRID-ARGS;BITS GRID-ARGS;..." [BUDGET=480] [ROW_S=80] [ACT_ORDER=1] \
+#            bash benchmarks/gpu_grid.sh [SEED_RESULTS]
 #   e.g.   SPECS="4 --rotations none --salient 0 --calib-offset 128;4 --rotations absorbed --complement random \
 #            --salient 0 --seed 1" bash benchmarks/gpu_grid.sh benchmarks/results/accuracy-qwen-full-2026-12-05-night.json
 #
