@@ -72,6 +72,9 @@ def quantize_parser() -> argparse.ArgumentParser:
                         "QuaRot's mse quantizer) instead of its min/max")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices of a mixed "
                         "--complement")
+    parser.add_argument("--sink-weight", type=float, default=1.0,
+                        help="weight of each calibration window's first token (the attention sink) in the second "
+                        "moments that give the PCA bases and GPTQ's Hessians; every other token weighs 1")
     return parser
 
 
@@ -81,7 +84,8 @@ def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, salient=args.salient,
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.gptq and args.act_order,
-                           sequential=args.sequential, complement=complement, clip=args.clip, seed=args.seed)
+                           sequential=args.sequential, complement=complement, clip=args.clip, seed=args.seed,
+                           sink_weight=args.sink_weight)
     opts.quant_config()
     return opts
 
@@ -139,6 +143,7 @@ def eval_main(argv: list[str] | None = None) -> None:
                       help="basis of the quantized channels of the rotated rows (see rosaq-quantize)")
     grid.add_argument("--clip", action="store_true", help="clip-searched group ranges (see rosaq-quantize)")
     grid.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (see rosaq-quantize)")
+    grid.add_argument("--sink-weight", type=float, default=1.0, help="see rosaq-quantize")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)
@@ -181,7 +186,7 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotation, args.bits, args.group_size, args.salient, gptq, args.act_order,
-                         args.sequential, args.complement, args.clip, args.seed)
+                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight)
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)
     for key, row in results.items():

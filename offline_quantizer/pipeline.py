@@ -82,6 +82,7 @@ class QuantizeOptions:
     complement: str = "pca"  # basis of the quantized channels, one of COMPLEMENTS (mixed at MIXED_SITES[complement])
     clip: bool = False  # search each group's range (quantize.group_params) instead of its min/max
     seed: int = 0  # of the random orthogonal matrices of a mixed complement (rotation.mix_complement)
+    sink_weight: float = 1.0  # weight of each calibration window's first token (attention sink) in the moments
 
     @property
     def folds_norms(self) -> bool:
@@ -181,14 +182,16 @@ def _diagonal_blocks(moment: torch.Tensor, block: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _record_moments(
-    adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs, blocks: dict[str, int]
+    adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs, blocks: dict[str, int], sink_weight: float = 1.0
 ) -> tuple[dict[str, BlockSecondMoment], LayerInputs]:
-    """Run one layer over the calibration batches, recording the second moments of its site inputs."""
+    """Run one layer over the calibration batches, recording the second moments of its site inputs (each window's
+    first token weighted by ``sink_weight``)."""
     moments: dict[str, BlockSecondMoment] = {}
     handles = []
     for site, block in blocks.items():
         linear = adapter.projection(layer, SITES[site][0])
-        moment = BlockSecondMoment(linear.in_features, block, device=linear.weight.device)
+        moment = BlockSecondMoment(linear.in_features, block, device=linear.weight.device,
+                                   first_token_weight=sink_weight)
         moments[site] = moment
         handles.append(linear.register_forward_pre_hook(lambda _m, args, mom=moment: mom.add(args[0])))
     try:
@@ -223,7 +226,8 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeO
         for hidden in inputs.hidden:
             peak = torch.maximum(peak, hidden.abs().reshape(-1, peak.numel()).amax(0).cpu().to(torch.float64))
         moments, inputs = _record_moments(adapter, layer, inputs, {"attn_in": layer.self_attn.q_proj.in_features,
-                                                                   "mlp_in": layer.mlp.gate_proj.in_features})
+                                                                   "mlp_in": layer.mlp.gate_proj.in_features},
+                                          opts.sink_weight)
         layer_sum = moments["attn_in"].mean() + moments["mlp_in"].mean()
         total = layer_sum if total is None else total + layer_sum
     outliers = outlier_channels(peak, opts.outlier_ratio).to(total.device)
@@ -433,7 +437,7 @@ def rotate_layers(
             dim = adapter.projection(layer, SITES[site][0]).in_features
             blocks[site] = dim if opts.gptq else _stat_block(opts.rotation, site, dim, adapter.shape.head_dim,
                                                              opts.block_size)
-        moments, outputs = _record_moments(adapter, layer, inputs, blocks)
+        moments, outputs = _record_moments(adapter, layer, inputs, blocks, opts.sink_weight)
         on_layer(index, rotate_layer(adapter, layer, moments, opts))
         if opts.sequential:  # on_layer made the layer compute its quantized function
             outputs = run_layer(layer, inputs)

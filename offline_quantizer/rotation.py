@@ -10,22 +10,32 @@ from torch import nn
 
 
 class BlockSecondMoment:
-    """Running block-diagonal second moment ``Σ xᵀx`` of a ``dim``-wide activation (float32 products per
+    """Running block-diagonal second moment ``Σ w_t x_tᵀx_t`` of a ``dim``-wide activation (float32 products per
     batch, accumulated in float64), and the peak magnitude ``max |x_i|`` of every channel.
 
-    ``block == dim`` keeps the full matrix, ``block == 1`` only its diagonal.
+    ``block == dim`` keeps the full matrix, ``block == 1`` only its diagonal. ``first_token_weight``: ``w_t`` of
+    position 0 of every sequence of ``[batch, seq, dim]`` activations (the attention sink), 1 for every other token.
     """
 
-    def __init__(self, dim: int, block: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, block: int, device: torch.device | str = "cpu", first_token_weight: float = 1.0
+                 ) -> None:
         if dim % block:
             raise ValueError(f"block {block} does not divide dim {dim}")
+        if first_token_weight < 0:
+            raise ValueError(f"first_token_weight must be >= 0, got {first_token_weight}")
         self.block = block
+        self.first_token_weight = first_token_weight
         self.sum = torch.zeros(dim // block, block, block, dtype=torch.float64, device=device)
         self.peak = torch.zeros(dim, dtype=torch.float32, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate activations ``x [..., dim]``."""
+        """Accumulate activations ``x [..., dim]`` (``[batch, seq, dim]`` for the first-token weight)."""
+        peak = x.detach().abs().reshape(-1, self.peak.numel()).amax(0).to(self.peak)
+        if self.first_token_weight != 1.0:
+            if x.dim() != 3:
+                raise ValueError(f"a first-token weight needs [batch, seq, dim] activations, got {tuple(x.shape)}")
+            x = torch.cat([x[:, :1] * self.first_token_weight**0.5, x[:, 1:]], dim=1)
         xb = x.reshape(-1, self.sum.shape[0], self.block).to(self.sum.device, torch.float32)
         if self.block == 1:
             batch_sum = xb.square().sum(0).unsqueeze(-1)
@@ -33,7 +43,7 @@ class BlockSecondMoment:
             blocks = xb.transpose(0, 1)  # [nb, T, B]
             batch_sum = torch.bmm(blocks.transpose(1, 2), blocks)
         self.sum += batch_sum.to(torch.float64)  # float32 per batch, float64 across batches
-        self.peak = torch.maximum(self.peak, xb.abs().reshape(-1, self.peak.numel()).amax(0))
+        self.peak = torch.maximum(self.peak, peak)
         self.count += xb.shape[0]
 
     def mean(self) -> torch.Tensor:

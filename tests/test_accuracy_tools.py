@@ -152,6 +152,25 @@ def test_sequential_grid_row_equals_the_quantizer_checkpoint(tiny_model_dir, tmp
     assert not torch.equal(plain_tensors[last_q], written[last_q])
 
 
+def test_sink_weighted_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path) -> None:
+    """``sink_weight`` reaches the moments: the row equals ``rosaq-quantize --sink-weight`` and differs from the
+    unweighted row (other PCA bases and Hessians); its key and options name it."""
+    model = tiny_model_dir("llama")
+    point = GridPoint("absorbed", 4, 32, 16, gptq=True, act_order=True, sink_weight=64.0)
+    assert point.own_calibration and point.key.endswith("|gptq|ao|sink64")
+    assert GridPoint("absorbed", 4, 32, 16).key == "absorbed|w4g32|k16|rtn"
+    opts = point.options(block_size=64)
+    assert opts.sink_weight == 64.0
+    ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
+    _, _, tensors = quantize_full(model, calibration_corpus(), point, block_size=64, **CALIB)
+    written = load_tensors(ckpt)
+    for name, tensor in written.items():
+        assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
+    _, _, plain = quantize_full(model, calibration_corpus(), dataclasses.replace(point, sink_weight=1.0),
+                                block_size=64, **CALIB)
+    assert not torch.equal(plain["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+
+
 def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
     model = tiny_model_dir("llama")
     tokenizer = AutoTokenizer.from_pretrained(model)

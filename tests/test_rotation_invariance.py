@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from offline_quantizer.adapters import DecoderAdapter
 from offline_quantizer.pipeline import QuantizeOptions, RotatedLinear, incoherent_complement, rotate_model
-from offline_quantizer.rotation import mix_complement, pca_basis, rotated_energy
+from offline_quantizer.rotation import BlockSecondMoment, mix_complement, pca_basis, rotated_energy
 
 
 class _RotatedFloatLinear(nn.Module):
@@ -39,11 +39,14 @@ _CASES += [(arch, rotation, torch.float64, complement) for arch in ("llama", "qw
 _CASES = [(*case, 64) for case in _CASES]
 # block size 0: one online block over the whole input (down_proj for absorbed, every site for per-layer)
 _CASES += [("llama", rotation, torch.float64, "pca", 0) for rotation in ("absorbed", "per-layer")]
+_CASES = [(*case, 1.0) for case in _CASES]
+# the attention sink weighted in the moments: other bases, the same function
+_CASES += [(arch, "absorbed", torch.float64, "random-except-vo", 64, 64.0) for arch in ("llama", "qwen2")]
 
 
-@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement", "block_size"), _CASES)
+@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement", "block_size", "sink_weight"), _CASES)
 def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str, dtype: torch.dtype,
-                                        complement: str, block_size: int) -> None:
+                                        complement: str, block_size: int, sink_weight: float) -> None:
     """float32 matters too: there the pipeline's float64 copies of weights are real copies (a stale copy of
     a projection that a later site rotates once went unnoticed in float64)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=dtype).eval()
@@ -60,7 +63,8 @@ def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str
             parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
             setattr(parent, name, _RotatedFloatLinear(rotated, getattr(parent, name).bias))
 
-    opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=block_size, complement=complement)
+    opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=block_size, complement=complement,
+                           sink_weight=sink_weight)
     rotate_model(model, batches, opts, install)
     residual_rotated = not torch.allclose(adapter.embedding.weight, original_embedding)
     assert residual_rotated == (rotation == "absorbed")
@@ -69,6 +73,29 @@ def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str
     # transformers computes RMSNorm statistics in float32, hence float32-level agreement.
     tol = 1e-5 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, 64.0])
+def test_second_moment_weighs_the_first_token(weight: float) -> None:
+    """``Σ w_t x_tᵀx_t`` against float64 with ``w_0 = weight`` (1 elsewhere), over two batches; peaks unweighted."""
+    g = torch.Generator().manual_seed(6)
+    batches = [torch.randn(2, 7, 16, generator=g) * torch.logspace(0.5, -0.5, 16) for _ in range(2)]
+    moment = BlockSecondMoment(16, 8, first_token_weight=weight)
+    for x in batches:
+        moment.add(x)
+    x = torch.cat(batches).to(torch.float64)
+    w = torch.ones(7, dtype=torch.float64)
+    w[0] = weight
+    full = torch.einsum("bti,btj,t->ij", x, x, w)
+    expected = torch.stack([full[:8, :8], full[8:, 8:]])
+    torch.testing.assert_close(moment.sum, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(moment.peak, x.abs().amax((0, 1)).to(torch.float32))
+    assert moment.count == 28
+    if weight != 1.0:
+        with pytest.raises(ValueError, match=r"\[batch, seq, dim\]"):
+            moment.add(batches[0][0])
+    with pytest.raises(ValueError, match="first_token_weight"):
+        BlockSecondMoment(16, 8, first_token_weight=-1.0)
 
 
 def test_rotate_blocks_is_orthogonal_change_of_basis() -> None:
