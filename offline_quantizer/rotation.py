@@ -31,19 +31,19 @@ class BlockSecondMoment:
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate activations ``x [..., dim]`` (``[batch, seq, dim]`` for the first-token weight)."""
-        peak = x.detach().abs().reshape(-1, self.peak.numel()).amax(0).to(self.peak)
+        if self.first_token_weight != 1.0 and x.dim() != 3:
+            raise ValueError(f"a first-token weight needs [batch, seq, dim] activations, got {tuple(x.shape)}")
+        x = x.to(self.sum.device, torch.float32)
+        self.peak = torch.maximum(self.peak, x.abs().reshape(-1, self.peak.numel()).amax(0))  # unweighted
         if self.first_token_weight != 1.0:
-            if x.dim() != 3:
-                raise ValueError(f"a first-token weight needs [batch, seq, dim] activations, got {tuple(x.shape)}")
             x = torch.cat([x[:, :1] * self.first_token_weight**0.5, x[:, 1:]], dim=1)
-        xb = x.reshape(-1, self.sum.shape[0], self.block).to(self.sum.device, torch.float32)
+        xb = x.reshape(-1, self.sum.shape[0], self.block)
         if self.block == 1:
             batch_sum = xb.square().sum(0).unsqueeze(-1)
         else:
             blocks = xb.transpose(0, 1)  # [nb, T, B]
             batch_sum = torch.bmm(blocks.transpose(1, 2), blocks)
         self.sum += batch_sum.to(torch.float64)  # float32 per batch, float64 across batches
-        self.peak = torch.maximum(self.peak, peak)
         self.count += xb.shape[0]
 
     def mean(self) -> torch.Tensor:
