@@ -13,7 +13,8 @@
 #         `eval_accuracy.py llmc --llmc-python /root/carry-llmc/python`.
 #   DIRECTORY  any directory as it is (e.g. a converted model), unpacked to /root/carry-BASENAME.
 #
-# PART_SIZE (split's -b, default 55M) sets the part size. Each part folder pK holds one part, the MANIFEST and install.sh; on the device every call runs
+# PART_SIZE (split's -b, default 55M) sets the part size; XZ_LEVEL (default 3) the compression (0 is fast and
+# loses little on the qwen bundle, whose GGUF is already quantized). Each part folder pK holds one part, the MANIFEST and install.sh; on the device every call runs
 # `bash OUTDIR/pK/install.sh`, and the call that completes the set checks the checksums and unpacks to /root/carry-NAME.
 set -euo pipefail
 usage="usage: gpu_carry.sh qwen|llmc|DIRECTORY OUTDIR [PYTHON_VERSION]"
@@ -51,7 +52,7 @@ case $name in
     cp -r "$name"/. "$work/tree/"; name=$(basename "$(cd "$name" && pwd)") ;;
 esac
 echo "compressing ..."
-tar -C "$work/tree" -cf - . | xz -T0 -3 > "$work/bundle.tar.xz"
+tar -C "$work/tree" -cf - . | xz -T0 "-${XZ_LEVEL:-3}" > "$work/bundle.tar.xz"
 split -b "${PART_SIZE:-55M}" -d -a 2 "$work/bundle.tar.xz" "$work/part-"
 ( cd "$work" && sha256sum part-* > MANIFEST )
 rm -rf "$out"; mkdir -p "$out"
