@@ -65,7 +65,7 @@ class GridPoint:
         return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
                 + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
                 + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else "")
-                + (f"|sink{self.sink_weight:g}" if self.sink_weight != 1.0 else ""))
+                + (f"|sinkL{self.sink_weight:g}" if self.sink_weight != 1.0 else ""))
 
     @property
     def own_calibration(self) -> bool:

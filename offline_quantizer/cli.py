@@ -73,8 +73,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices of a mixed "
                         "--complement")
     parser.add_argument("--sink-weight", type=float, default=1.0,
-                        help="weight of each calibration window's first token (the attention sink) in the second "
-                        "moments that give the PCA bases and GPTQ's Hessians; every other token weighs 1")
+                        help="weight of each calibration window's first token (the attention sink) in each layer's "
+                        "second moments (GPTQ's Hessians, the down_proj and V/O bases; the residual-stream basis "
+                        "counts it once); every other token weighs 1")
     return parser
 
 

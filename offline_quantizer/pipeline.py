@@ -82,7 +82,9 @@ class QuantizeOptions:
     complement: str = "pca"  # basis of the quantized channels, one of COMPLEMENTS (mixed at MIXED_SITES[complement])
     clip: bool = False  # search each group's range (quantize.group_params) instead of its min/max
     seed: int = 0  # of the random orthogonal matrices of a mixed complement (rotation.mix_complement)
-    sink_weight: float = 1.0  # weight of each calibration window's first token (attention sink) in the moments
+    # weight of each calibration window's first token (attention sink) in each layer's moments (GPTQ's Hessians, the
+    # down_proj and V/O bases); the residual-stream basis always counts it once
+    sink_weight: float = 1.0
 
     @property
     def folds_norms(self) -> bool:
@@ -218,7 +220,9 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeO
     keep their own axis: rotating them would spread one huge coordinate, and the weights that write it,
     over every channel. The other channels get the PCA basis of the normalized inputs of every attention
     and MLP block, summed over layers; with a mixed ``opts.complement`` all but the principal directions
-    (as many as a linear of width ``d`` keeps salient) are then mixed (:func:`incoherent_complement`).
+    (as many as a linear of width ``d`` keeps salient) are then mixed (:func:`incoherent_complement`). Every token
+    counts once here, ``opts.sink_weight`` applies to each layer's own moments only (weighting the sink in this
+    basis too cost SmolLM2 W4 1.5 % perplexity, ``docs/accuracy.md``).
     """
     total = None
     peak = torch.zeros(adapter.embedding.embedding_dim, dtype=torch.float64)
@@ -226,8 +230,7 @@ def residual_basis(adapter: DecoderAdapter, inputs: LayerInputs, opts: QuantizeO
         for hidden in inputs.hidden:
             peak = torch.maximum(peak, hidden.abs().reshape(-1, peak.numel()).amax(0).cpu().to(torch.float64))
         moments, inputs = _record_moments(adapter, layer, inputs, {"attn_in": layer.self_attn.q_proj.in_features,
-                                                                   "mlp_in": layer.mlp.gate_proj.in_features},
-                                          opts.sink_weight)
+                                                                   "mlp_in": layer.mlp.gate_proj.in_features})
         layer_sum = moments["attn_in"].mean() + moments["mlp_in"].mean()
         total = layer_sum if total is None else total + layer_sum
     outliers = outlier_channels(peak, opts.outlier_ratio).to(total.device)

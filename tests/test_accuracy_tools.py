@@ -153,11 +153,12 @@ def test_sequential_grid_row_equals_the_quantizer_checkpoint(tiny_model_dir, tmp
 
 
 def test_sink_weighted_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path) -> None:
-    """``sink_weight`` reaches the moments: the row equals ``rosaq-quantize --sink-weight`` and differs from the
-    unweighted row (other PCA bases and Hessians); its key and options name it."""
+    """``sink_weight`` reaches each layer's moments and only those: the row equals ``rosaq-quantize --sink-weight``,
+    keeps the unweighted row's residual-stream basis (the embedding) and differs from it in down_proj's online basis
+    and GPTQ's codes; its key and options name it."""
     model = tiny_model_dir("llama")
     point = GridPoint("absorbed", 4, 32, 16, gptq=True, act_order=True, sink_weight=64.0)
-    assert point.own_calibration and point.key.endswith("|gptq|ao|sink64")
+    assert point.own_calibration and point.key.endswith("|gptq|ao|sinkL64")
     assert GridPoint("absorbed", 4, 32, 16).key == "absorbed|w4g32|k16|rtn"
     opts = point.options(block_size=64)
     assert opts.sink_weight == 64.0
@@ -168,7 +169,9 @@ def test_sink_weighted_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path
         assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
     _, _, plain = quantize_full(model, calibration_corpus(), dataclasses.replace(point, sink_weight=1.0),
                                 block_size=64, **CALIB)
-    assert not torch.equal(plain["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    assert torch.equal(plain["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    for name in ("model.layers.0.mlp.down_proj.rot", "model.layers.0.self_attn.q_proj.qweight"):
+        assert not torch.equal(plain[name], tensors[name]), name
 
 
 def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
