@@ -14,8 +14,9 @@
 #   DIRECTORY  any directory as it is (e.g. a converted model), unpacked to /root/carry-BASENAME.
 #
 # PART_SIZE (split's -b, default 55M) sets the part size; XZ_LEVEL (default 3) the compression (0 is fast and
-# loses little on the qwen bundle, whose GGUF is already quantized). Each part folder pK holds one part, the MANIFEST and install.sh; on the device every call runs
-# `bash OUTDIR/pK/install.sh`, and the call that completes the set checks the checksums and unpacks to /root/carry-NAME.
+# loses little on the qwen bundle, whose GGUF is already quantized). Each part folder pK holds one part, the MANIFEST
+# and install.sh; on the device every call runs `bash OUTDIR/pK/install.sh`, and the call that completes the set checks
+# the checksums and unpacks to /root/carry-NAME.
 set -euo pipefail
 usage="usage: gpu_carry.sh qwen|llmc|DIRECTORY OUTDIR [PYTHON_VERSION]"
 name=${1:?$usage}
