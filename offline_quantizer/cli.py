@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from offline_quantizer.pipeline import COMPLEMENTS, QuantizeOptions, quantize_checkpoint
+from offline_quantizer.pipeline import COMPLEMENTS, SALIENT_SINK_WEIGHT, QuantizeOptions, quantize_checkpoint
 
 
 def _text(source: str) -> str:
@@ -72,10 +72,11 @@ def quantize_parser() -> argparse.ArgumentParser:
                         "QuaRot's mse quantizer) instead of its min/max")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random orthogonal matrices of a mixed "
                         "--complement")
-    parser.add_argument("--sink-weight", type=float, default=1.0,
+    parser.add_argument("--sink-weight", type=float, default=None,
                         help="weight of each calibration window's first token (the attention sink) in each layer's "
                         "second moments (GPTQ's Hessians, the down_proj and V/O bases; the residual-stream basis "
-                        "counts it once); every other token weighs 1")
+                        f"counts it once); every other token weighs 1. Default: {SALIENT_SINK_WEIGHT:g} where a "
+                        "rotation keeps salient channels and GPTQ rounds, else 1 (docs/accuracy.md)")
     return parser
 
 

@@ -12,7 +12,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offline_quantizer.calibration import token_batches
 from offline_quantizer.cli import quantize_main, quantize_options, quantize_parser
-from offline_quantizer.pipeline import QuantizeOptions, _hf_dtype, quantize_checkpoint, quantize_model
+from offline_quantizer.pipeline import (
+    SALIENT_SINK_WEIGHT,
+    QuantizeOptions,
+    _hf_dtype,
+    quantize_checkpoint,
+    quantize_model,
+)
 from rosaq_vllm.checkpoint import validate_checkpoint, write_tensors
 from tests.tiny_models import calibration_corpus
 
@@ -139,6 +145,24 @@ def test_cli_reports_elapsed_time(tiny_model_dir, tmp_path: Path, capsys) -> Non
     validate_checkpoint(out)
     report = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rosaq-quantize:")]
     assert len(report) == 1 and report[0].endswith(" s"), report
+
+
+def test_sink_weight_default_follows_rotation_salient_channels_and_gptq() -> None:
+    """``rosaq-quantize`` leaves ``sink_weight`` unresolved; each layer resolves it from its linears' widths."""
+    parser = quantize_parser()
+
+    def layer_weight(widths: tuple[int, ...], *flags: str) -> float:
+        return quantize_options(parser.parse_args(["model", "out", *flags])).layer_sink_weight(widths)
+
+    smollm2, qwen = (576, 1536), (896, 4864)
+    assert layer_weight(smollm2) == SALIENT_SINK_WEIGHT  # the default: absorbed, 3 % salient, GPTQ
+    assert layer_weight(smollm2, "--rotation", "per-layer", "--salient", "16") == SALIENT_SINK_WEIGHT
+    assert layer_weight(qwen, "--salient", "0.005") == SALIENT_SINK_WEIGHT  # 32 of down_proj's 4864 inputs
+    assert layer_weight(smollm2, "--salient", "0.005") == 1.0  # rounds to no salient channel
+    assert layer_weight(smollm2, "--salient", "0") == 1.0
+    assert layer_weight(smollm2, "--rotation", "none") == 1.0
+    assert layer_weight(smollm2, "--no-gptq") == 1.0
+    assert layer_weight(smollm2, "--salient", "0", "--sink-weight", "8") == 8.0
 
 
 def test_cli_complement_default_follows_the_rotation(capsys) -> None:
