@@ -165,6 +165,23 @@ def test_sink_weight_default_follows_rotation_salient_channels_and_gptq() -> Non
     assert layer_weight(smollm2, "--salient", "0", "--sink-weight", "8") == 8.0
 
 
+def test_unresolved_sink_weight_reaches_the_moments(fp16_llama) -> None:
+    """``sink_weight=None`` quantizes exactly as the weight it resolves to (64 with salient channels and GPTQ, else 1),
+    and that weight changes the result."""
+    batches = token_batches(AutoTokenizer.from_pretrained(fp16_llama), calibration_corpus(), 4, 64, 4)
+
+    def quantized(salient: float, sink_weight: float | None) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(fp16_llama, dtype=torch.float32).eval()
+        opts = QuantizeOptions(group_size=32, salient=salient, block_size=64, gptq=True, sink_weight=sink_weight)
+        return quantize_model(model, batches, opts, torch.float16)
+
+    for salient, resolved, other in ((16, SALIENT_SINK_WEIGHT, 1.0), (0, 1.0, SALIENT_SINK_WEIGHT)):
+        default, explicit, changed = (quantized(salient, w) for w in (None, resolved, other))
+        assert default.keys() == explicit.keys()
+        assert all(torch.equal(default[name], explicit[name]) for name in default)
+        assert any(not torch.equal(default[name], changed[name]) for name in default if name.endswith("qweight"))
+
+
 def test_cli_complement_default_follows_the_rotation(capsys) -> None:
     parser = quantize_parser()
 
