@@ -439,6 +439,10 @@ def rotate_layers(
     quantized layer), as in GPTQ's and llm-compressor's sequential calibration: each layer is fit to the inputs
     it will see, the errors of the layers before it included. Otherwise they are the full-precision outputs.
     """
+    # the decoder layers share their linears' widths, so one layer resolves the sink weight of all
+    first = adapter.layers[0]
+    sink_weight = opts.layer_sink_weight(adapter.projection(first, name).in_features for name in QUANTIZED_LINEARS)
+    logger.info("attention sink weighted %g in each layer's moments", sink_weight)
     layers = tqdm(adapter.iter_layers(), desc=f"ROSAQ {opts.rotation}", unit="layer", total=len(adapter.layers))
     for index, layer in enumerate(layers):
         if index < start_layer:
@@ -453,9 +457,6 @@ def rotate_layers(
             dim = adapter.projection(layer, SITES[site][0]).in_features
             blocks[site] = dim if opts.gptq else _stat_block(opts.rotation, site, dim, adapter.shape.head_dim,
                                                              opts.block_size)
-        sink_weight = opts.layer_sink_weight(adapter.projection(layer, name).in_features for name in QUANTIZED_LINEARS)
-        if index == start_layer:
-            logger.info("attention sink weighted %g in each layer's moments", sink_weight)
         moments, outputs = _record_moments(adapter, layer, inputs, blocks, sink_weight)
         on_layer(index, rotate_layer(adapter, layer, moments, opts))
         if opts.sequential:  # on_layer made the layer compute its quantized function
