@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from offline_quantizer.pipeline import COMPLEMENTS, SALIENT_SINK_WEIGHT, QuantizeOptions, quantize_checkpoint
+from offline_quantizer.pipeline import COMPLEMENTS, SINK_WEIGHT, QuantizeOptions, quantize_checkpoint
 
 
 def _text(source: str) -> str:
@@ -75,8 +75,8 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sink-weight", type=float, default=None,
                         help="weight of each calibration window's first token (the attention sink) in each layer's "
                         "second moments (GPTQ's Hessians, the down_proj and V/O bases; the residual-stream basis "
-                        f"counts it once); every other token weighs 1. Default: {SALIENT_SINK_WEIGHT:g} where a "
-                        "rotation keeps salient channels and GPTQ rounds, else 1 (docs/accuracy.md)")
+                        f"counts it once); every other token weighs 1. Default: {SINK_WEIGHT:g} where GPTQ rounds a "
+                        "rotation, except at 3 bits with no salient channel; else 1 (docs/accuracy.md)")
     return parser
 
 

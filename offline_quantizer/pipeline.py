@@ -63,10 +63,11 @@ ONLINE_ROTATION = {"absorbed": ("down_proj",), "per-layer": QUANTIZED_LINEARS, "
 #: leaves the per-head V/O bases (site "attn_out") unmixed: mixing them cost the most perplexity (docs/accuracy.md).
 MIXED_SITES = {"pca": (), "random": ("residual", "attn_out", "mlp_out"), "random-except-vo": ("residual", "mlp_out")}
 COMPLEMENTS = tuple(MIXED_SITES)
-#: the sink weight of ``QuantizeOptions(sink_weight=None)`` where a rotation keeps salient channels and GPTQ rounds
-#: (where it was measured): SmolLM2 W3 K = 3 % −3.8 % perplexity over three seeds, Qwen W4 K = 0.5 % −2.6 %, the other
-#: K > 0 cells level; without salient channels 1 (64 cost SmolLM2 W3 K = 0 7–15 %), docs/accuracy.md
-SALIENT_SINK_WEIGHT = 64.0
+#: the sink weight of ``QuantizeOptions(sink_weight=None)`` where a rotation is rounded by GPTQ, except at 3 bits
+#: with no salient channel (there 1: 64 cost SmolLM2 W3 K = 0 7–15 %). Measured: SmolLM2 W3 K = 3 % −3.8 % perplexity
+#: over three seeds, W4 K = 0 −0.3 % / −1.2 % (two seeds), Qwen W4 K = 0 −2.0 %, K = 0.5 % −2.6 %, the other cells
+#: level (docs/accuracy.md)
+SINK_WEIGHT = 64.0
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,14 @@ class QuantizeOptions:
 
     def layer_sink_weight(self, in_features: Iterable[int]) -> float:
         """The sink weight of a layer whose linears have ``in_features`` inputs: ``sink_weight``, or where it is
-        ``None`` :data:`SALIENT_SINK_WEIGHT` if a rotation keeps salient channels in one of them and GPTQ rounds,
-        else 1 (a fraction of salient channels can round to none: SmolLM2 at 0.5 %)."""
+        ``None`` :data:`SINK_WEIGHT` if a rotation is rounded by GPTQ and either the weights have 4 bits or one of
+        the linears keeps salient channels (a fraction of salient channels can round to none: SmolLM2 at 0.5 %),
+        else 1."""
         if self.sink_weight is not None:
             return self.sink_weight
         keeps_salient = any(self.quant_config().num_salient_for(width) > 0 for width in in_features)
-        return SALIENT_SINK_WEIGHT if self.rotation != "none" and self.gptq and keeps_salient else 1.0
+        weighted = self.rotation != "none" and self.gptq and (self.bits >= 4 or keeps_salient)
+        return SINK_WEIGHT if weighted else 1.0
 
     def quant_config(self) -> RosaqQuantConfig:
         """The checkpoint's ``quantization_config`` (validates the options)."""

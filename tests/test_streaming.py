@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from offline_quantizer.calibration import token_batches
 from offline_quantizer.cli import quantize_main, quantize_options, quantize_parser
 from offline_quantizer.pipeline import (
-    SALIENT_SINK_WEIGHT,
+    SINK_WEIGHT,
     QuantizeOptions,
     _hf_dtype,
     quantize_checkpoint,
@@ -147,7 +147,7 @@ def test_cli_reports_elapsed_time(tiny_model_dir, tmp_path: Path, capsys) -> Non
     assert len(report) == 1 and report[0].endswith(" s"), report
 
 
-def test_sink_weight_default_follows_rotation_salient_channels_and_gptq() -> None:
+def test_sink_weight_default_follows_rotation_bits_salient_channels_and_gptq() -> None:
     """``rosaq-quantize`` leaves ``sink_weight`` unresolved; each layer resolves it from its linears' widths."""
     parser = quantize_parser()
 
@@ -155,28 +155,32 @@ def test_sink_weight_default_follows_rotation_salient_channels_and_gptq() -> Non
         return quantize_options(parser.parse_args(["model", "out", *flags])).layer_sink_weight(widths)
 
     smollm2, qwen = (576, 1536), (896, 4864)
-    assert layer_weight(smollm2) == SALIENT_SINK_WEIGHT  # the default: absorbed, 3 % salient, GPTQ
-    assert layer_weight(smollm2, "--rotation", "per-layer", "--salient", "16") == SALIENT_SINK_WEIGHT
-    assert layer_weight(qwen, "--salient", "0.005") == SALIENT_SINK_WEIGHT  # 32 of down_proj's 4864 inputs
-    assert layer_weight(smollm2, "--salient", "0.005") == 1.0  # rounds to no salient channel
-    assert layer_weight(smollm2, "--salient", "0") == 1.0
+    assert layer_weight(smollm2) == SINK_WEIGHT  # the default: absorbed, 3 % salient, GPTQ
+    assert layer_weight(smollm2, "--rotation", "per-layer", "--salient", "16") == SINK_WEIGHT
+    assert layer_weight(qwen, "--salient", "0.005") == SINK_WEIGHT  # 32 of down_proj's 4864 inputs
+    assert layer_weight(smollm2, "--salient", "0") == SINK_WEIGHT  # 4 bits
+    assert layer_weight(smollm2, "--bits", "3", "--salient", "0.005") == 1.0  # rounds to no salient channel
+    assert layer_weight(smollm2, "--bits", "3", "--salient", "0") == 1.0
+    assert layer_weight(qwen, "--bits", "3", "--salient", "0.005") == SINK_WEIGHT
     assert layer_weight(smollm2, "--rotation", "none") == 1.0
     assert layer_weight(smollm2, "--no-gptq") == 1.0
     assert layer_weight(smollm2, "--salient", "0", "--sink-weight", "8") == 8.0
 
 
 def test_unresolved_sink_weight_reaches_the_moments(fp16_llama) -> None:
-    """``sink_weight=None`` quantizes exactly as the weight it resolves to (64 with salient channels and GPTQ, else 1),
-    and that weight changes the result."""
+    """``sink_weight=None`` quantizes exactly as the weight it resolves to (64 with GPTQ at 4 bits or with salient
+    channels, else 1), and that weight changes the result."""
     batches = token_batches(AutoTokenizer.from_pretrained(fp16_llama), calibration_corpus(), 4, 64, 4)
 
-    def quantized(salient: float, sink_weight: float | None) -> dict[str, torch.Tensor]:
+    def quantized(bits: int, salient: float, sink_weight: float | None) -> dict[str, torch.Tensor]:
         model = AutoModelForCausalLM.from_pretrained(fp16_llama, dtype=torch.float32).eval()
-        opts = QuantizeOptions(group_size=32, salient=salient, block_size=64, gptq=True, sink_weight=sink_weight)
+        opts = QuantizeOptions(bits=bits, group_size=32, salient=salient, block_size=64, gptq=True,
+                               sink_weight=sink_weight)
         return quantize_model(model, batches, opts, torch.float16)
 
-    for salient, resolved, other in ((16, SALIENT_SINK_WEIGHT, 1.0), (0, 1.0, SALIENT_SINK_WEIGHT)):
-        default, explicit, changed = (quantized(salient, w) for w in (None, resolved, other))
+    cases = ((3, 16, SINK_WEIGHT, 1.0), (3, 0, 1.0, SINK_WEIGHT), (4, 0, SINK_WEIGHT, 1.0))
+    for bits, salient, resolved, other in cases:
+        default, explicit, changed = (quantized(bits, salient, w) for w in (None, resolved, other))
         assert default.keys() == explicit.keys()
         assert all(torch.equal(default[name], explicit[name]) for name in default)
         assert any(not torch.equal(default[name], changed[name]) for name in default if name.endswith("qweight"))
