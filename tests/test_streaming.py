@@ -148,7 +148,7 @@ def test_cli_reports_elapsed_time(tiny_model_dir, tmp_path: Path, capsys) -> Non
 
 
 def test_sink_weight_default_follows_rotation_bits_salient_channels_and_gptq() -> None:
-    """``rosaq-quantize`` leaves ``sink_weight`` unresolved; each layer resolves it from its linears' widths."""
+    """``rosaq-quantize`` leaves ``sink_weight`` unresolved; the quantizer resolves it from the layers' widths."""
     parser = quantize_parser()
 
     def layer_weight(widths: tuple[int, ...], *flags: str) -> float:
