@@ -57,6 +57,7 @@ class GridPoint:
     clip: bool = False  # clip-searched group ranges (QuantizeOptions.clip)
     seed: int = 0  # of a mixed complement's random matrices (QuantizeOptions.seed)
     sink_weight: float = 1.0  # of each calibration window's first token in the moments (QuantizeOptions.sink_weight)
+    outlier_ratio: float = 20.0  # massive-activation channels keep their axis (QuantizeOptions.outlier_ratio)
 
     @property
     def key(self) -> str:
@@ -65,32 +66,34 @@ class GridPoint:
         return (key + ("|ao" if self.act_order else "") + ("|seq" if self.sequential else "")
                 + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
                 + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else "")
-                + (f"|sinkL{self.sink_weight:g}" if self.sink_weight != 1.0 else ""))
+                + (f"|sinkL{self.sink_weight:g}" if self.sink_weight != 1.0 else "")
+                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != 20.0 else ""))
 
     @property
     def own_calibration(self) -> bool:
         """Whether the row needs its own calibration pass: sequential rows calibrate on their own quantized
         layers, a mixed complement depends on K (its rotations cannot be shared with other rows), and the shared
-        calibration weighs every token alike."""
-        return self.sequential or self.complement != "pca" or self.sink_weight != 1.0
+        calibration weighs every token alike and keeps the default outlier axes."""
+        return self.sequential or self.complement != "pca" or self.sink_weight != 1.0 or self.outlier_ratio != 20.0
 
     def options(self, block_size: int) -> QuantizeOptions:
         return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
                                rotation=self.rotation, block_size=block_size, gptq=self.gptq,
                                act_order=self.act_order, sequential=self.sequential, complement=self.complement,
-                               clip=self.clip, seed=self.seed, sink_weight=self.sink_weight)
+                               clip=self.clip, seed=self.seed, sink_weight=self.sink_weight,
+                               outlier_ratio=self.outlier_ratio)
 
 
 def grid_points(
     rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
     act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False, seed: int = 0,
-    sink_weight: float = 1.0,
+    sink_weight: float = 1.0, outlier_ratio: float = 20.0,
 ) -> list[GridPoint]:
     """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
     and its ``seed`` only on rotated rows (the original space has no basis to mix)."""
     return [
         GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca", clip,
-                  seed if r != "none" else 0, sink_weight)
+                  seed if r != "none" else 0, sink_weight, outlier_ratio)
         for r in rotations for b in bits for k in salient for g in gptq
     ]
 

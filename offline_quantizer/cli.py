@@ -146,6 +146,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     grid.add_argument("--clip", action="store_true", help="clip-searched group ranges (see rosaq-quantize)")
     grid.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (see rosaq-quantize)")
     grid.add_argument("--sink-weight", type=float, default=1.0, help="see rosaq-quantize")
+    grid.add_argument("--outlier-ratio", type=float, default=20.0, help="see rosaq-quantize")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)
@@ -188,7 +189,7 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotation, args.bits, args.group_size, args.salient, gptq, args.act_order,
-                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight)
+                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio)
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)
     for key, row in results.items():

@@ -174,6 +174,25 @@ def test_sink_weighted_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path
         assert not torch.equal(plain[name], tensors[name]), name
 
 
+def test_outlier_ratio_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path) -> None:
+    """``outlier_ratio`` reaches the residual basis: the row equals ``rosaq-quantize --outlier-ratio``, keeps more
+    residual axes than the default (its embedding differs) and is named by its key."""
+    model = tiny_model_dir("llama")
+    point = GridPoint("absorbed", 4, 32, 16, gptq=True, act_order=True, outlier_ratio=1.5)
+    assert point.own_calibration and point.key.endswith("|gptq|ao|or1.5")
+    assert not GridPoint("absorbed", 4, 32, 16).own_calibration
+    opts = point.options(block_size=64)
+    assert opts.outlier_ratio == 1.5
+    ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
+    _, _, tensors = quantize_full(model, calibration_corpus(), point, block_size=64, **CALIB)
+    written = load_tensors(ckpt)
+    for name, tensor in written.items():
+        assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
+    _, _, default = quantize_full(model, calibration_corpus(), dataclasses.replace(point, outlier_ratio=20.0),
+                                  block_size=64, **CALIB)
+    assert not torch.equal(default["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+
+
 def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
     model = tiny_model_dir("llama")
     tokenizer = AutoTokenizer.from_pretrained(model)
