@@ -44,7 +44,7 @@ def quantize_parser() -> argparse.ArgumentParser:
                         "over the whole input")
     parser.add_argument("--outlier-ratio", type=float, default=20.0,
                         help="channels whose peak exceeds this many times the median peak keep their own axis and are "
-                        "always salient (massive activations); 0 disables")
+                        "salient first, by energy (massive activations); 0 disables")
     parser.add_argument("--calib", default="c4", help="'c4' (shipped corpus) or a text file")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048, help="capped by the model's context length")

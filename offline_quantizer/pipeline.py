@@ -37,7 +37,7 @@ from offline_quantizer.rotation import (
     rotate_value_output,
     rotated_energy,
 )
-from offline_quantizer.saliency import select_salient
+from offline_quantizer.saliency import salient_priority, select_salient
 from offline_quantizer.workdir import WorkDir
 from rosaq_vllm.checkpoint import (
     QUANTIZED_LINEARS,
@@ -275,12 +275,12 @@ def incoherent_complement(
         basis: float64 ``[nb, B, B]`` block bases.
         moment: float64 ``[nb · group, B, B]`` block second moments (``group`` moments share one basis: the
             query heads of one KV head).
-        outliers: bool ``[nb · group · B]`` channels that are always salient.
+        outliers: bool ``[nb · group · B]`` channels that are salient first (``salient_priority``).
     """
     if site not in MIXED_SITES[opts.complement]:
         return basis
     energy = rotated_energy(moment, basis.repeat_interleave(group, dim=0))
-    energy = torch.where(outliers, torch.inf, energy)
+    energy = salient_priority(energy, outliers)
     principal = outliers.clone()
     principal[torch.topk(energy, opts.quant_config().num_salient_for(energy.numel())).indices] = True
     return mix_complement(basis, principal.view(basis.shape[0], group, -1).any(1), opts.seed)
@@ -328,7 +328,7 @@ def rotate_layer(
         dim = recorded_moment.shape[0] * recorded_moment.shape[-1]
         block = _stat_block(opts.rotation, site, dim, adapter.shape.head_dim, opts.block_size)
         moment = _diagonal_blocks(recorded_moment, block)
-        # Massive-activation channels keep their axis in every basis built here and are always salient.
+        # Massive-activation channels keep their axis in every basis built here and are salient first.
         outliers = torch.zeros(dim, dtype=torch.bool, device=moment.device)
         outliers[outlier_channels(moments[site].peak, opts.outlier_ratio).to(moment.device)] = True
         keep_axis = outliers.view(-1, block)
@@ -359,7 +359,7 @@ def rotate_layer(
             rot, energy = basis, rotated_energy(moment, basis)
         else:
             energy = torch.diagonal(moment, dim1=-2, dim2=-1).reshape(-1)
-        energy = torch.where(outliers, torch.inf, energy)
+        energy = salient_priority(energy, outliers)
         hessian = None
         if opts.gptq:
             if recorded_moment.shape[0] != 1:

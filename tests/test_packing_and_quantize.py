@@ -6,7 +6,7 @@ from rosaq_kernels.packing import pack, pack_zeros, packed_width, unpack, unpack
 from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
 
 from offline_quantizer.quantize import CLIP_NORM, CLIP_SHRINKS, group_params, quantize_groups, quantize_linear
-from offline_quantizer.saliency import select_salient
+from offline_quantizer.saliency import salient_priority, select_salient
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -108,6 +108,20 @@ def test_salient_columns_are_exact_and_quantized_part_is_zero_there(num_salient:
     assert torch.equal(deq[:, idx.long()], torch.zeros(32, num_salient))
     torch.testing.assert_close(tensors["salient_weight"].to(torch.float64), weight[:, idx.long()],
                                rtol=1e-3, atol=1e-4)
+
+
+def test_outliers_are_salient_first_by_their_energy() -> None:
+    """Outlier channels come before every other channel; with more outliers than salient channels the ones of
+    largest energy are kept (not the first indices of a tie)."""
+    energy = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
+    outliers = torch.zeros(64, dtype=torch.bool)
+    outliers[[2, 9, 30, 41, 60]] = True
+    energy[[2, 9, 30, 41, 60]] = torch.tensor([0.01, 0.3, 0.2, 0.05, 0.4], dtype=torch.float64)  # below the rest
+    priority = salient_priority(energy, outliers)
+    assert select_salient(priority, 3).tolist() == [9, 30, 60]
+    with_rest = select_salient(priority, 8).tolist()
+    assert set(with_rest) >= {2, 9, 30, 41, 60}
+    assert set(with_rest) - {2, 9, 30, 41, 60} == set(torch.topk(energy.masked_fill(outliers, 0), 3).indices.tolist())
 
 
 def test_all_channels_salient_is_rejected() -> None:
