@@ -152,45 +152,39 @@ def test_sequential_grid_row_equals_the_quantizer_checkpoint(tiny_model_dir, tmp
     assert not torch.equal(plain_tensors[last_q], written[last_q])
 
 
-def test_sink_weighted_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path) -> None:
-    """``sink_weight`` reaches each layer's moments and only those: the row equals ``rosaq-quantize --sink-weight``,
-    keeps the unweighted row's residual-stream basis (the embedding) and differs from it in down_proj's online basis
-    and GPTQ's codes; its key and options name it."""
+_EMBED, _DOWN_ROT, _Q_CODES = ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.rot",
+                               "model.layers.0.self_attn.q_proj.qweight")
+
+
+@pytest.mark.parametrize(("field", "value", "suffix", "same", "differ"), [
+    # the sink weight reaches each layer's moments and only those: the residual basis (the embedding) is the
+    # unweighted row's, down_proj's online basis and GPTQ's codes are not
+    ("sink_weight", 64.0, "|gptq|ao|sinkL64", [_EMBED], [_DOWN_ROT, _Q_CODES]),
+    # a lower outlier ratio keeps more residual axes: the residual basis differs
+    ("outlier_ratio", 1.5, "|gptq|ao|or1.5", [], [_EMBED]),
+])
+def test_option_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path, field: str, value: float, suffix: str,
+                                           same: list[str], differ: list[str]) -> None:
+    """A row with a non-default ``field`` calibrates on its own, equals ``rosaq-quantize`` with that option, is named
+    by its key, and changes (and keeps) what the option is meant to change (and keep) against the default row."""
     model = tiny_model_dir("llama")
-    point = GridPoint("absorbed", 4, 32, 16, gptq=True, act_order=True, sink_weight=64.0)
-    assert point.own_calibration and point.key.endswith("|gptq|ao|sinkL64")
+    default_point = GridPoint("absorbed", 4, 32, 16, gptq=True, act_order=True)
+    point = dataclasses.replace(default_point, **{field: value})
+    assert point.own_calibration and point.key.endswith(suffix)
+    assert not GridPoint("absorbed", 4, 32, 16).own_calibration
     assert GridPoint("absorbed", 4, 32, 16).key == "absorbed|w4g32|k16|rtn"
     opts = point.options(block_size=64)
-    assert opts.sink_weight == 64.0
+    assert getattr(opts, field) == value
     ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
     _, _, tensors = quantize_full(model, calibration_corpus(), point, block_size=64, **CALIB)
     written = load_tensors(ckpt)
     for name, tensor in written.items():
         assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
-    _, _, plain = quantize_full(model, calibration_corpus(), dataclasses.replace(point, sink_weight=1.0),
-                                block_size=64, **CALIB)
-    assert torch.equal(plain["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
-    for name in ("model.layers.0.mlp.down_proj.rot", "model.layers.0.self_attn.q_proj.qweight"):
-        assert not torch.equal(plain[name], tensors[name]), name
-
-
-def test_outlier_ratio_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path) -> None:
-    """``outlier_ratio`` reaches the residual basis: the row equals ``rosaq-quantize --outlier-ratio``, keeps more
-    residual axes than the default (its embedding differs) and is named by its key."""
-    model = tiny_model_dir("llama")
-    point = GridPoint("absorbed", 4, 32, 16, gptq=True, act_order=True, outlier_ratio=1.5)
-    assert point.own_calibration and point.key.endswith("|gptq|ao|or1.5")
-    assert not GridPoint("absorbed", 4, 32, 16).own_calibration
-    opts = point.options(block_size=64)
-    assert opts.outlier_ratio == 1.5
-    ckpt = quantize_checkpoint(model, tmp_path / "ckpt", calibration_corpus(), opts, batch_size=8, **CALIB)
-    _, _, tensors = quantize_full(model, calibration_corpus(), point, block_size=64, **CALIB)
-    written = load_tensors(ckpt)
-    for name, tensor in written.items():
-        assert torch.equal(tensors[name].to(tensor.dtype), tensor), name
-    _, _, default = quantize_full(model, calibration_corpus(), dataclasses.replace(point, outlier_ratio=20.0),
-                                  block_size=64, **CALIB)
-    assert not torch.equal(default["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    _, _, default = quantize_full(model, calibration_corpus(), default_point, block_size=64, **CALIB)
+    for name in same:
+        assert torch.equal(default[name], tensors[name]), name
+    for name in differ:
+        assert not torch.equal(default[name], tensors[name]), name
 
 
 def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:
