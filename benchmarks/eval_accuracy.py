@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from offline_quantizer import assets  # noqa: E402
 from offline_quantizer.accuracy import grid_points, load_results, run_grid  # noqa: E402
 from offline_quantizer.multiple_choice import TASKS, fetch_tasks  # noqa: E402
-from offline_quantizer.pipeline import COMPLEMENTS  # noqa: E402
+from offline_quantizer.pipeline import COMPLEMENTS, OUTLIER_RATIO  # noqa: E402
 
 logger = logging.getLogger("eval_accuracy")
 WIKITEXT = Path(os.environ.get("ROSAQ_WIKITEXT", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (rosaq-quantize --seed)")
     parser.add_argument("--sink-weight", type=float, default=1.0,
                         help="weight of each calibration window's first token (rosaq-quantize --sink-weight)")
-    parser.add_argument("--outlier-ratio", type=float, default=20.0,
+    parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                         help="massive-activation channels keep their axis (rosaq-quantize --outlier-ratio)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))

@@ -24,6 +24,7 @@ from offline_quantizer.calibration import token_batches
 from offline_quantizer.evaluate import model_from_tensors, token_nll
 from offline_quantizer.multiple_choice import accuracy
 from offline_quantizer.pipeline import (
+    OUTLIER_RATIO,
     QuantizeOptions,
     RotatedLinear,
     _hf_dtype,
@@ -57,7 +58,7 @@ class GridPoint:
     clip: bool = False  # clip-searched group ranges (QuantizeOptions.clip)
     seed: int = 0  # of a mixed complement's random matrices (QuantizeOptions.seed)
     sink_weight: float = 1.0  # of each calibration window's first token in the moments (QuantizeOptions.sink_weight)
-    outlier_ratio: float = 20.0  # massive-activation channels keep their axis (QuantizeOptions.outlier_ratio)
+    outlier_ratio: float = OUTLIER_RATIO  # massive-activation channels keep their axis (QuantizeOptions.outlier_ratio)
 
     @property
     def key(self) -> str:
@@ -67,14 +68,15 @@ class GridPoint:
                 + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
                 + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else "")
                 + (f"|sinkL{self.sink_weight:g}" if self.sink_weight != 1.0 else "")
-                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != 20.0 else ""))
+                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != OUTLIER_RATIO else ""))
 
     @property
     def own_calibration(self) -> bool:
         """Whether the row needs its own calibration pass: sequential rows calibrate on their own quantized
         layers, a mixed complement depends on K (its rotations cannot be shared with other rows), and the shared
         calibration weighs every token alike and keeps the default outlier axes."""
-        return self.sequential or self.complement != "pca" or self.sink_weight != 1.0 or self.outlier_ratio != 20.0
+        return (self.sequential or self.complement != "pca" or self.sink_weight != 1.0
+                or self.outlier_ratio != OUTLIER_RATIO)
 
     def options(self, block_size: int) -> QuantizeOptions:
         return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
@@ -87,7 +89,7 @@ class GridPoint:
 def grid_points(
     rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
     act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False, seed: int = 0,
-    sink_weight: float = 1.0, outlier_ratio: float = 20.0,
+    sink_weight: float = 1.0, outlier_ratio: float = OUTLIER_RATIO,
 ) -> list[GridPoint]:
     """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
     and its ``seed`` only on rotated rows (the original space has no basis to mix)."""

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from offline_quantizer.pipeline import COMPLEMENTS, SINK_WEIGHT, QuantizeOptions, quantize_checkpoint
+from offline_quantizer.pipeline import COMPLEMENTS, OUTLIER_RATIO, SINK_WEIGHT, QuantizeOptions, quantize_checkpoint
 
 
 def _text(source: str) -> str:
@@ -42,7 +42,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=128,
                         help="online rotation block (absorbed: down_proj; per-layer: every projection); 0: one block "
                         "over the whole input")
-    parser.add_argument("--outlier-ratio", type=float, default=20.0,
+    parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                         help="channels whose peak exceeds this many times the median peak keep their own axis and are "
                         "salient first, by energy (massive activations); 0 disables")
     parser.add_argument("--calib", default="c4", help="'c4' (shipped corpus) or a text file")
@@ -146,7 +146,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     grid.add_argument("--clip", action="store_true", help="clip-searched group ranges (see rosaq-quantize)")
     grid.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (see rosaq-quantize)")
     grid.add_argument("--sink-weight", type=float, default=1.0, help="see rosaq-quantize")
-    grid.add_argument("--outlier-ratio", type=float, default=20.0, help="see rosaq-quantize")
+    grid.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO, help="see rosaq-quantize")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)

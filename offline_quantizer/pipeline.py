@@ -68,6 +68,9 @@ COMPLEMENTS = tuple(MIXED_SITES)
 #: over three seeds, W4 K = 0 −0.3 % / −1.2 % (two seeds), Qwen W4 K = 0 −2.0 %, K = 0.5 % −2.6 %, the other cells
 #: level (docs/accuracy.md)
 SINK_WEIGHT = 64.0
+#: Default ``QuantizeOptions.outlier_ratio``: a channel whose peak magnitude exceeds this many times the median
+#: channel's is a massive-activation channel (keeps its axis, salient first).
+OUTLIER_RATIO = 20.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class QuantizeOptions:
     rotation: str = "absorbed"
     block_size: int = 128
     damping: float = 0.01
-    outlier_ratio: float = 20.0  # absorbed: residual channels this far above the median peak are not rotated
+    outlier_ratio: float = OUTLIER_RATIO  # absorbed: residual channels this far above the median peak are not rotated
     gptq: bool = False  # error-compensating (GPTQ) rounding in each linear's final basis; needs full moments
     act_order: bool = False  # GPTQ: round columns by decreasing second moment (group parameters fixed first)
     sequential: bool = False  # calibrate each layer on the outputs of the layers before it *quantized*

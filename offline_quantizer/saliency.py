@@ -26,4 +26,3 @@ def salient_priority(energy: torch.Tensor, outliers: torch.Tensor) -> torch.Tens
         salient channels the outliers of largest energy are kept.
     """
     return torch.where(outliers, energy + energy.max() + 1.0, energy)
-
