@@ -34,7 +34,6 @@ from offline_quantizer import assets  # noqa: E402
 from offline_quantizer.accuracy import grid_points, load_results, run_grid  # noqa: E402
 from offline_quantizer.multiple_choice import TASKS, fetch_tasks  # noqa: E402
 from offline_quantizer.pipeline import COMPLEMENTS, OUTLIER_RATIO  # noqa: E402
-from offline_quantizer.saliency import SALIENT_CRITERIA  # noqa: E402
 
 logger = logging.getLogger("eval_accuracy")
 WIKITEXT = Path(os.environ.get("ROSAQ_WIKITEXT", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
@@ -74,8 +73,7 @@ def stage_grid(args: argparse.Namespace) -> None:
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential,
-                         args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio,
-                         args.salient_by)
+                         args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio)
     calibration, name = assets.calibration_text(), "c4"
     if args.calib_offset:
         calibration = skip_windows(directory, calibration, args.calib_offset * args.seq_len)
@@ -193,8 +191,6 @@ def main() -> None:
                         help="weight of each calibration window's first token (rosaq-quantize --sink-weight)")
     parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                         help="massive-activation channels keep their axis (rosaq-quantize --outlier-ratio)")
-    parser.add_argument("--salient-by", choices=SALIENT_CRITERIA, default="energy",
-                        help="what ranks the salient channels (rosaq-quantize --salient-by)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
     parser.add_argument("--work", default="bench_runs/llmc")

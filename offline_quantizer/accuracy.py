@@ -59,7 +59,6 @@ class GridPoint:
     seed: int = 0  # of a mixed complement's random matrices (QuantizeOptions.seed)
     sink_weight: float = 1.0  # of each calibration window's first token in the moments (QuantizeOptions.sink_weight)
     outlier_ratio: float = OUTLIER_RATIO  # massive-activation channels keep their axis (QuantizeOptions.outlier_ratio)
-    salient_by: str = "energy"  # what ranks the salient channels (QuantizeOptions.salient_by)
 
     @property
     def key(self) -> str:
@@ -69,8 +68,7 @@ class GridPoint:
                 + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
                 + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else "")
                 + (f"|sinkL{self.sink_weight:g}" if self.sink_weight != 1.0 else "")
-                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != OUTLIER_RATIO else "")
-                + ("" if self.salient_by == "energy" else f"|{self.salient_by}"))
+                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != OUTLIER_RATIO else ""))
 
     @property
     def own_calibration(self) -> bool:
@@ -85,19 +83,19 @@ class GridPoint:
                                rotation=self.rotation, block_size=block_size, gptq=self.gptq,
                                act_order=self.act_order, sequential=self.sequential, complement=self.complement,
                                clip=self.clip, seed=self.seed, sink_weight=self.sink_weight,
-                               outlier_ratio=self.outlier_ratio, salient_by=self.salient_by)
+                               outlier_ratio=self.outlier_ratio)
 
 
 def grid_points(
     rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
     act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False, seed: int = 0,
-    sink_weight: float = 1.0, outlier_ratio: float = OUTLIER_RATIO, salient_by: str = "energy",
+    sink_weight: float = 1.0, outlier_ratio: float = OUTLIER_RATIO,
 ) -> list[GridPoint]:
     """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
     and its ``seed`` only on rotated rows (the original space has no basis to mix)."""
     return [
         GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca", clip,
-                  seed if r != "none" else 0, sink_weight, outlier_ratio, salient_by)
+                  seed if r != "none" else 0, sink_weight, outlier_ratio)
         for r in rotations for b in bits for k in salient for g in gptq
     ]
 
@@ -153,7 +151,7 @@ def rotate_for_grid(
                 hessian = hessians.setdefault(id(rotated.hessian), rotated.hessian.cpu())
             result.linears[projection_prefix(index, name)] = RotatedLinear(
                 rotated.weight.cpu(), None if rotated.rot is None else rotated.rot.cpu(), rotated.energy.cpu(),
-                rotated.outliers.cpu(), hessian)
+                hessian)
         for name, tensor in adapter.layers[index].state_dict().items():
             if _is_dense(name):
                 result.dense[f"model.layers.{index}.{name}"] = tensor.detach().to(dtype).cpu()

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from offline_quantizer.pipeline import COMPLEMENTS, OUTLIER_RATIO, SINK_WEIGHT, QuantizeOptions, quantize_checkpoint
-from offline_quantizer.saliency import SALIENT_CRITERIA
 
 
 def _text(source: str) -> str:
@@ -78,10 +77,6 @@ def quantize_parser() -> argparse.ArgumentParser:
                         "second moments (GPTQ's Hessians, the down_proj and V/O bases; the residual-stream basis "
                         f"counts it once); every other token weighs 1. Default: {SINK_WEIGHT:g} where GPTQ rounds a "
                         "rotation, except at 3 bits with no salient channel; else 1 (docs/accuracy.md)")
-    parser.add_argument("--salient-by", choices=SALIENT_CRITERIA, default="energy",
-                        help="what ranks the channels kept in float16: 'energy' (default), their activation energy "
-                        "(the principal channels); 'sensitivity', OWQ's: the energy times the column's "
-                        "round-to-nearest error")
     return parser
 
 
@@ -92,7 +87,7 @@ def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.gptq and args.act_order,
                            sequential=args.sequential, complement=complement, clip=args.clip, seed=args.seed,
-                           sink_weight=args.sink_weight, salient_by=args.salient_by)
+                           sink_weight=args.sink_weight)
     opts.quant_config()
     return opts
 
@@ -152,7 +147,6 @@ def eval_main(argv: list[str] | None = None) -> None:
     grid.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (see rosaq-quantize)")
     grid.add_argument("--sink-weight", type=float, default=1.0, help="see rosaq-quantize")
     grid.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO, help="see rosaq-quantize")
-    grid.add_argument("--salient-by", choices=SALIENT_CRITERIA, default="energy", help="see rosaq-quantize")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)
@@ -195,8 +189,7 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotation, args.bits, args.group_size, args.salient, gptq, args.act_order,
-                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio,
-                         args.salient_by)
+                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio)
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)
     for key, row in results.items():

@@ -37,7 +37,7 @@ from offline_quantizer.rotation import (
     rotate_value_output,
     rotated_energy,
 )
-from offline_quantizer.saliency import SALIENT_CRITERIA, rounding_sensitivity, salient_priority, select_salient
+from offline_quantizer.saliency import salient_priority, select_salient
 from offline_quantizer.workdir import WorkDir
 from rosaq_vllm.checkpoint import (
     QUANTIZED_LINEARS,
@@ -93,7 +93,6 @@ class QuantizeOptions:
     # weight of each calibration window's first token (attention sink) in each layer's moments (GPTQ's Hessians, the
     # down_proj and V/O bases); the residual-stream basis always counts it once. None: see layer_sink_weight
     sink_weight: float | None = 1.0
-    salient_by: str = "energy"  # what ranks the salient channels, one of saliency.SALIENT_CRITERIA
 
     @property
     def folds_norms(self) -> bool:
@@ -116,8 +115,6 @@ class QuantizeOptions:
 
     def quant_config(self) -> RosaqQuantConfig:
         """The checkpoint's ``quantization_config`` (validates the options)."""
-        if self.salient_by not in SALIENT_CRITERIA:
-            raise ValueError(f"salient_by must be one of {SALIENT_CRITERIA}, got {self.salient_by!r}")
         if self.complement not in COMPLEMENTS:
             raise ValueError(f"complement must be one of {COMPLEMENTS}, got {self.complement!r}")
         if self.complement != "pca" and self.rotation == "none":
@@ -143,14 +140,12 @@ class RotatedLinear:
         weight: float64 ``[N, K]`` (input already in the rotated basis).
         rot: float64 ``[nb, B, B]`` online rotation of the input, or ``None``.
         energy: float64 ``[K]`` activation energy per input channel in that basis.
-        outliers: bool ``[K]`` massive-activation channels, salient first (:func:`saliency.salient_priority`).
         hessian: float64 ``[K, K]`` full second moment of the input in that basis (only with ``gptq``).
     """
 
     weight: torch.Tensor
     rot: torch.Tensor | None
     energy: torch.Tensor
-    outliers: torch.Tensor
     hessian: torch.Tensor | None = None
 
 
@@ -367,6 +362,7 @@ def rotate_layer(
             rot, energy = basis, rotated_energy(moment, basis)
         else:
             energy = torch.diagonal(moment, dim1=-2, dim2=-1).reshape(-1)
+        energy = salient_priority(energy, outliers)
         hessian = None
         if opts.gptq:
             if recorded_moment.shape[0] != 1:
@@ -374,7 +370,7 @@ def rotate_layer(
             full = recorded_moment[0]
             hessian = full if final_basis is None else final_basis.t() @ full @ final_basis
         for name in projections:
-            result[name] = RotatedLinear(None, rot, energy, outliers, hessian)
+            result[name] = RotatedLinear(None, rot, energy, hessian)
     # read the weights only after every site is rotated: a later site can rotate an earlier site's projection
     # (attn_out rotates v_proj's output), and ``_weight`` copies unless the model is float64
     for name, rotated in result.items():
@@ -489,11 +485,7 @@ def _is_dense(name: str) -> bool:
 def quantize_rotated_linear(rotated: RotatedLinear, opts: QuantizeOptions) -> dict[str, torch.Tensor]:
     """The checkpoint tensors (CPU) of one projection in its final basis: salient channels, codes, online rotation."""
     cfg = opts.quant_config()
-    score = rotated.energy
-    if opts.salient_by == "sensitivity":
-        score = rounding_sensitivity(rotated.weight, rotated.energy, cfg.bits, cfg.group_size)
-    salient_idx = select_salient(salient_priority(score, rotated.outliers.to(score.device)),
-                                 cfg.num_salient_for(rotated.weight.shape[1]))
+    salient_idx = select_salient(rotated.energy, cfg.num_salient_for(rotated.weight.shape[1]))
     if opts.gptq:
         if rotated.hessian is None:
             raise ValueError("gptq needs the full second moment of every site (record with gptq=True)")

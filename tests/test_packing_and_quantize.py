@@ -6,7 +6,7 @@ from rosaq_kernels.packing import pack, pack_zeros, packed_width, unpack, unpack
 from rosaq_kernels.reference import dequantize, rosaq_linear_reference, rotate_blocks
 
 from offline_quantizer.quantize import CLIP_NORM, CLIP_SHRINKS, group_params, quantize_groups, quantize_linear
-from offline_quantizer.saliency import rounding_sensitivity, salient_priority, select_salient
+from offline_quantizer.saliency import salient_priority, select_salient
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -122,34 +122,6 @@ def test_outliers_are_salient_first_by_their_energy() -> None:
     with_rest = select_salient(priority, 8).tolist()
     assert set(with_rest) >= {2, 9, 30, 41, 60}
     assert set(with_rest) - {2, 9, 30, 41, 60} == set(torch.topk(energy.masked_fill(outliers, 0), 3).indices.tolist())
-
-
-def test_rounding_sensitivity_is_each_channels_share_of_the_output_error() -> None:
-    """With uncorrelated input channels (a PCA basis) the RTN output error ``‖X ΔWᵀ‖² / T`` is the sum of the
-    sensitivities, and keeping channel ``j`` exact removes exactly its sensitivity; the criterion then keeps a
-    channel of lower energy whose column rounds badly over one of higher energy whose column is on the grid."""
-    gen = torch.Generator().manual_seed(5)
-    n, k, t, group = 24, 64, 256, 32
-    energy = torch.rand(k, dtype=torch.float64, generator=gen) + 0.5
-    basis = torch.linalg.qr(torch.randn(t, k, dtype=torch.float64, generator=gen))[0]
-    x = basis * (t * energy).sqrt()  # orthogonal columns: E[x_i x_j] = energy_i δ_ij exactly
-    weight = torch.randn(n, k, dtype=torch.float64, generator=gen)
-    codes, scales, zeros = quantize_groups(weight, 4, group)
-    deq = ((codes.view(n, 2, group) - zeros.unsqueeze(-1).double()) * scales.unsqueeze(-1).double()).view(n, k)
-    delta = weight - deq
-    sensitivity = rounding_sensitivity(weight, energy, 4, group)
-    total = (x @ delta.t()).square().sum() / t
-    torch.testing.assert_close(sensitivity.sum(), total, rtol=1e-10, atol=0)
-    kept = delta.clone()
-    kept[:, 7] = 0
-    torch.testing.assert_close(total - (x @ kept.t()).square().sum() / t, sensitivity[7], rtol=1e-8, atol=1e-12)
-    # channel 3: the most energy, but its column sits on the grid; channel 40: less energy, a badly rounded column
-    energy[3], energy[40] = 10.0, 5.0
-    weight[:, 3] = deq[:, 3]
-    weight[:, 40] = deq[:, 40] + 0.45 * scales[:, 1].double()
-    sensitivity = rounding_sensitivity(weight, energy, 4, group)
-    assert select_salient(energy, 1).tolist() == [3]
-    assert select_salient(sensitivity, 1).tolist() == [40]
 
 
 def test_all_channels_salient_is_rejected() -> None:
