@@ -73,7 +73,8 @@ def stage_grid(args: argparse.Namespace) -> None:
     texts = eval_texts(directory, args.texts, args.max_tokens)
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotations, args.bits, group_size, args.salient, gptq, args.act_order, args.sequential,
-                         args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio)
+                         args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio,
+                         args.online_rotation)
     calibration, name = assets.calibration_text(), "c4"
     if args.calib_offset:
         calibration = skip_windows(directory, calibration, args.calib_offset * args.seq_len)
@@ -191,6 +192,8 @@ def main() -> None:
                         help="weight of each calibration window's first token (rosaq-quantize --sink-weight)")
     parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                         help="massive-activation channels keep their axis (rosaq-quantize --outlier-ratio)")
+    parser.add_argument("--no-online-rotation", dest="online_rotation", action="store_false",
+                        help="absorbed rows: down_proj in its original basis (rosaq-quantize --no-online-rotation)")
     parser.add_argument("--methods", nargs="+", default=["awq", "gptq"])
     parser.add_argument("--llmc-python", default=str(REPO / ".venv-llmc/bin/python"))
     parser.add_argument("--work", default="bench_runs/llmc")

@@ -59,6 +59,7 @@ class GridPoint:
     seed: int = 0  # of a mixed complement's random matrices (QuantizeOptions.seed)
     sink_weight: float = 1.0  # of each calibration window's first token in the moments (QuantizeOptions.sink_weight)
     outlier_ratio: float = OUTLIER_RATIO  # massive-activation channels keep their axis (QuantizeOptions.outlier_ratio)
+    online_rotation: bool = True  # absorbed: down_proj's input rotated online (QuantizeOptions.online_rotation)
 
     @property
     def key(self) -> str:
@@ -68,34 +69,36 @@ class GridPoint:
                 + {"pca": "", "random": "|mix", "random-except-vo": "|mix-novo"}[self.complement]
                 + ("|clip" if self.clip else "") + (f"|seed{self.seed}" if self.seed else "")
                 + (f"|sinkL{self.sink_weight:g}" if self.sink_weight != 1.0 else "")
-                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != OUTLIER_RATIO else ""))
+                + (f"|or{self.outlier_ratio:g}" if self.outlier_ratio != OUTLIER_RATIO else "")
+                + ("" if self.online_rotation else "|no-online"))
 
     @property
     def own_calibration(self) -> bool:
         """Whether the row needs its own calibration pass: sequential rows calibrate on their own quantized
         layers, a mixed complement depends on K (its rotations cannot be shared with other rows), and the shared
-        calibration weighs every token alike and keeps the default outlier axes."""
+        calibration weighs every token alike, keeps the default outlier axes and rotates down_proj online."""
         return (self.sequential or self.complement != "pca" or self.sink_weight != 1.0
-                or self.outlier_ratio != OUTLIER_RATIO)
+                or self.outlier_ratio != OUTLIER_RATIO or not self.online_rotation)
 
     def options(self, block_size: int) -> QuantizeOptions:
         return QuantizeOptions(bits=self.bits, group_size=self.group_size, salient=self.salient,
                                rotation=self.rotation, block_size=block_size, gptq=self.gptq,
                                act_order=self.act_order, sequential=self.sequential, complement=self.complement,
                                clip=self.clip, seed=self.seed, sink_weight=self.sink_weight,
-                               outlier_ratio=self.outlier_ratio)
+                               outlier_ratio=self.outlier_ratio, online_rotation=self.online_rotation)
 
 
 def grid_points(
     rotations: Iterable[str], bits: Iterable[int], group_size: int, salient: Iterable[float], gptq: Iterable[bool],
     act_order: bool = False, sequential: bool = False, complement: str = "pca", clip: bool = False, seed: int = 0,
-    sink_weight: float = 1.0, outlier_ratio: float = OUTLIER_RATIO,
+    sink_weight: float = 1.0, outlier_ratio: float = OUTLIER_RATIO, online_rotation: bool = True,
 ) -> list[GridPoint]:
     """Every combination of the arguments as grid points: activation order only on GPTQ rows, the ``complement``
-    and its ``seed`` only on rotated rows (the original space has no basis to mix)."""
+    and its ``seed`` only on rotated rows (the original space has no basis to mix), ``online_rotation=False`` only
+    on absorbed rows (the other modes have no online rotation to drop, or nothing but online ones)."""
     return [
         GridPoint(r, b, group_size, k, g, g and act_order, sequential, complement if r != "none" else "pca", clip,
-                  seed if r != "none" else 0, sink_weight, outlier_ratio)
+                  seed if r != "none" else 0, sink_weight, outlier_ratio, online_rotation or r != "absorbed")
         for r in rotations for b in bits for k in salient for g in gptq
     ]
 

@@ -42,6 +42,10 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=128,
                         help="online rotation block (absorbed: down_proj; per-layer: every projection); 0: one block "
                         "over the whole input")
+    parser.add_argument("--online-rotation", action=argparse.BooleanOptionalAction, default=True,
+                        help="absorbed: rotate down_proj's input online into its PCA basis (the one rotation no "
+                        "weight can absorb); --no-online-rotation keeps down_proj in its original basis (no rotation "
+                        "tensor, one kernel launch less per layer)")
     parser.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                         help="channels whose peak exceeds this many times the median peak keep their own axis and are "
                         "salient first, by energy (massive activations); 0 disables")
@@ -87,7 +91,7 @@ def quantize_options(args: argparse.Namespace) -> QuantizeOptions:
                            rotation=args.rotation, block_size=args.block_size,
                            outlier_ratio=args.outlier_ratio, gptq=args.gptq, act_order=args.gptq and args.act_order,
                            sequential=args.sequential, complement=complement, clip=args.clip, seed=args.seed,
-                           sink_weight=args.sink_weight)
+                           sink_weight=args.sink_weight, online_rotation=args.online_rotation)
     opts.quant_config()
     return opts
 
@@ -147,6 +151,8 @@ def eval_main(argv: list[str] | None = None) -> None:
     grid.add_argument("--seed", type=int, default=0, help="seed of a mixed complement (see rosaq-quantize)")
     grid.add_argument("--sink-weight", type=float, default=1.0, help="see rosaq-quantize")
     grid.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO, help="see rosaq-quantize")
+    grid.add_argument("--no-online-rotation", dest="online_rotation", action="store_false",
+                      help="absorbed rows: down_proj in its original basis (see rosaq-quantize)")
     grid.add_argument("--block-size", type=int, default=128)
     grid.add_argument("--calib", default="c4")
     grid.add_argument("--num-samples", type=int, default=32)
@@ -189,7 +195,8 @@ def _eval_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     texts = {Path(args.text).stem if args.text not in ("wiki", "c4") else args.text: ids[: args.max_tokens]}
     gptq = {"off": [False], "on": [True], "both": [False, True]}[args.gptq]
     points = grid_points(args.rotation, args.bits, args.group_size, args.salient, gptq, args.act_order,
-                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio)
+                         args.sequential, args.complement, args.clip, args.seed, args.sink_weight, args.outlier_ratio,
+                         args.online_rotation)
     results = run_grid(args.model, points, texts, Path(args.json), _text(args.calib), args.num_samples, args.seq_len,
                        args.context, block_size=args.block_size, device=args.device)
     for key, row in results.items():

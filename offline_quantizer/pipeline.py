@@ -93,6 +93,9 @@ class QuantizeOptions:
     # weight of each calibration window's first token (attention sink) in each layer's moments (GPTQ's Hessians, the
     # down_proj and V/O bases); the residual-stream basis always counts it once. None: see layer_sink_weight
     sink_weight: float | None = 1.0
+    # absorbed: rotate down_proj's input online (its PCA basis; the one rotation no weight can absorb). False keeps
+    # down_proj in its original basis, salient channels by energy: no rotation tensor, one launch less a layer
+    online_rotation: bool = True
 
     @property
     def folds_norms(self) -> bool:
@@ -117,6 +120,8 @@ class QuantizeOptions:
         """The checkpoint's ``quantization_config`` (validates the options)."""
         if self.complement not in COMPLEMENTS:
             raise ValueError(f"complement must be one of {COMPLEMENTS}, got {self.complement!r}")
+        if not self.online_rotation and self.rotation != "absorbed":
+            raise ValueError(f"online_rotation=False applies to rotation 'absorbed' only, got {self.rotation!r}")
         if self.complement != "pca" and self.rotation == "none":
             raise ValueError(f"complement={self.complement!r} mixes a rotation's quantized channels; rotation 'none' "
                              "has none")
@@ -128,7 +133,7 @@ class QuantizeOptions:
             salient_fraction=float(self.salient) if is_fraction else None,
             rotation=self.rotation,
             rotation_block_size=self.block_size,
-            online_rotation=ONLINE_ROTATION.get(self.rotation, ()),
+            online_rotation=ONLINE_ROTATION.get(self.rotation, ()) if self.online_rotation else (),
         )
 
 
@@ -181,14 +186,14 @@ class StreamingAdapter(DecoderAdapter):
                 layer.to("meta")  # free the device copy now, not when the caller drops it
 
 
-def _stat_block(rotation: str, site: str, dim: int, head_dim: int, block_size: int) -> int:
+def _stat_block(opts: QuantizeOptions, site: str, dim: int, head_dim: int) -> int:
     """Block size of the second moment recorded at a site (1: diagonal only, dim: full)."""
-    if rotation == "per-layer":
-        return block_size or dim
-    if rotation == "absorbed" and site == "attn_out":
+    if opts.rotation == "per-layer":
+        return opts.block_size or dim
+    if opts.rotation == "absorbed" and site == "attn_out":
         return head_dim
-    if rotation == "absorbed" and site == "mlp_out":
-        return block_size or dim
+    if opts.rotation == "absorbed" and site == "mlp_out" and opts.online_rotation:
+        return opts.block_size or dim
     return 1
 
 
@@ -329,7 +334,7 @@ def rotate_layer(
     for site, (_, projections) in SITES.items():
         recorded_moment = moments[site].mean()
         dim = recorded_moment.shape[0] * recorded_moment.shape[-1]
-        block = _stat_block(opts.rotation, site, dim, adapter.shape.head_dim, opts.block_size)
+        block = _stat_block(opts, site, dim, adapter.shape.head_dim)
         moment = _diagonal_blocks(recorded_moment, block)
         # Massive-activation channels keep their axis in every basis built here and are salient first.
         outliers = torch.zeros(dim, dtype=torch.bool, device=moment.device)
@@ -355,7 +360,7 @@ def rotate_layer(
                                 head_bases, shape.num_heads)
             energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
             final_basis = block_diag(head_bases.repeat_interleave(group, dim=0))
-        elif opts.rotation == "absorbed" and site == "mlp_out":
+        elif opts.rotation == "absorbed" and site == "mlp_out" and opts.online_rotation:
             basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts, site)
             final_basis = block_diag(basis)
             rotate_input(adapter.projection(layer, "down_proj"), final_basis)
@@ -461,8 +466,7 @@ def rotate_layers(
         blocks = {}
         for site in SITES:
             dim = adapter.projection(layer, SITES[site][0]).in_features
-            blocks[site] = dim if opts.gptq else _stat_block(opts.rotation, site, dim, adapter.shape.head_dim,
-                                                             opts.block_size)
+            blocks[site] = dim if opts.gptq else _stat_block(opts, site, dim, adapter.shape.head_dim)
         moments, outputs = _record_moments(adapter, layer, inputs, blocks, sink_weight)
         on_layer(index, rotate_layer(adapter, layer, moments, opts))
         if opts.sequential:  # on_layer made the layer compute its quantized function

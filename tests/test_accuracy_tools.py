@@ -154,17 +154,20 @@ def test_sequential_grid_row_equals_the_quantizer_checkpoint(tiny_model_dir, tmp
 
 _EMBED, _DOWN_ROT, _Q_CODES = ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.rot",
                                "model.layers.0.self_attn.q_proj.qweight")
+_DOWN_CODES = "model.layers.0.mlp.down_proj.qweight"
 
 
-@pytest.mark.parametrize(("field", "value", "suffix", "same", "differ"), [
+@pytest.mark.parametrize(("field", "value", "suffix", "same", "differ", "absent"), [
     # the sink weight reaches each layer's moments and only those: the residual basis (the embedding) is the
     # unweighted row's, down_proj's online basis and GPTQ's codes are not
-    ("sink_weight", 64.0, "|gptq|ao|sinkL64", [_EMBED], [_DOWN_ROT, _Q_CODES]),
+    ("sink_weight", 64.0, "|gptq|ao|sinkL64", [_EMBED], [_DOWN_ROT, _Q_CODES], []),
     # a lower outlier ratio keeps more residual axes: the residual basis differs
-    ("outlier_ratio", 1.5, "|gptq|ao|or1.5", [], [_EMBED]),
+    ("outlier_ratio", 1.5, "|gptq|ao|or1.5", [], [_EMBED], []),
+    # down_proj in its original basis: no rotation tensor, other codes there; the residual basis and q_proj unchanged
+    ("online_rotation", False, "|gptq|ao|no-online", [_EMBED, _Q_CODES], [_DOWN_CODES], [_DOWN_ROT]),
 ])
 def test_option_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path, field: str, value: float, suffix: str,
-                                           same: list[str], differ: list[str]) -> None:
+                                           same: list[str], differ: list[str], absent: list[str]) -> None:
     """A row with a non-default ``field`` calibrates on its own, equals ``rosaq-quantize`` with that option, is named
     by its key, and changes (and keeps) what the option is meant to change (and keep) against the default row."""
     model = tiny_model_dir("llama")
@@ -185,6 +188,8 @@ def test_option_row_is_its_own_calibration(tiny_model_dir, tmp_path: Path, field
         assert torch.equal(default[name], tensors[name]), name
     for name in differ:
         assert not torch.equal(default[name], tensors[name]), name
+    for name in absent:
+        assert name in default and name not in tensors, name
 
 
 def test_run_grid_caches_rows(tiny_model_dir, tmp_path: Path) -> None:

@@ -42,11 +42,17 @@ _CASES += [("llama", rotation, torch.float64, "pca", 0) for rotation in ("absorb
 _CASES = [(*case, 1.0) for case in _CASES]
 # the attention sink weighted in the moments: other bases, the same function
 _CASES += [(arch, "absorbed", torch.float64, "random-except-vo", 64, 64.0) for arch in ("llama", "qwen2")]
+_CASES = [(*case, True) for case in _CASES]
+# down_proj left in its original basis: no online rotation, the same function
+_CASES += [(arch, "absorbed", dtype, "random-except-vo", 64, 1.0, False) for arch in ("llama", "qwen2")
+           for dtype in (torch.float64, torch.float32)]
 
 
-@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement", "block_size", "sink_weight"), _CASES)
+@pytest.mark.parametrize(("arch", "rotation", "dtype", "complement", "block_size", "sink_weight", "online_rotation"),
+                         _CASES)
 def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str, dtype: torch.dtype,
-                                        complement: str, block_size: int, sink_weight: float) -> None:
+                                        complement: str, block_size: int, sink_weight: float,
+                                        online_rotation: bool) -> None:
     """float32 matters too: there the pipeline's float64 copies of weights are real copies (a stale copy of
     a projection that a later site rotates once went unnoticed in float64)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=dtype).eval()
@@ -56,15 +62,20 @@ def test_rotated_model_preserves_logits(tiny_model_dir, arch: str, rotation: str
     batches = [torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(2))]
     adapter = DecoderAdapter(model)
     original_embedding = adapter.embedding.weight.detach().clone()
+    original_down = [layer.mlp.down_proj.weight.detach().to(torch.float64) for layer in adapter.layers]
 
     def install(index: int, projections: dict[str, RotatedLinear]) -> None:
         layer = adapter.layers[index]
+        down = projections["down_proj"]
+        assert (down.rot is not None) == (rotation != "none" and online_rotation)
+        if not online_rotation:  # original input basis: only the output side rotated, input columns keep their norms
+            torch.testing.assert_close(down.weight.norm(dim=0), original_down[index].norm(dim=0), rtol=1e-5, atol=0)
         for name, rotated in projections.items():
             parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
             setattr(parent, name, _RotatedFloatLinear(rotated, getattr(parent, name).bias))
 
     opts = QuantizeOptions(group_size=32, salient=16, rotation=rotation, block_size=block_size, complement=complement,
-                           sink_weight=sink_weight)
+                           sink_weight=sink_weight, online_rotation=online_rotation)
     rotate_model(model, batches, opts, install)
     residual_rotated = not torch.allclose(adapter.embedding.weight, original_embedding)
     assert residual_rotated == (rotation == "absorbed")

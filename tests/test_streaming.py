@@ -201,3 +201,18 @@ def test_cli_complement_default_follows_the_rotation(capsys) -> None:
         quantize_main(["model", "out", "--rotation", "none", "--complement", "random"])
     assert exit_info.value.code == 2
     assert "rotation 'none' has none" in capsys.readouterr().err
+
+
+def test_cli_online_rotation_flag_reaches_the_quant_config(capsys) -> None:
+    """``--no-online-rotation`` drops down_proj's online rotation from the checkpoint's config (absorbed only)."""
+    parser = quantize_parser()
+
+    def online(*flags: str) -> tuple[str, ...]:
+        return quantize_options(parser.parse_args(["model", "out", *flags])).quant_config().online_rotation
+
+    assert online() == ("down_proj",)
+    assert online("--no-online-rotation") == ()
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_main(["model", "out", "--rotation", "per-layer", "--no-online-rotation"])
+    assert exit_info.value.code == 2
+    assert "online_rotation=False applies to rotation 'absorbed' only" in capsys.readouterr().err
