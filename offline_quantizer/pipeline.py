@@ -116,6 +116,15 @@ class QuantizeOptions:
         weighted = self.rotation != "none" and self.gptq and (self.bits >= 4 or keeps_salient)
         return SINK_WEIGHT if weighted else 1.0
 
+    @property
+    def online_projections(self) -> tuple[str, ...]:
+        """The projections whose input is rotated online (the checkpoint's ``online_rotation``)."""
+        return ONLINE_ROTATION.get(self.rotation, ()) if self.online_rotation else ()
+
+    def rotates_online(self, site: str) -> bool:
+        """Whether the input of ``site`` (a key of :data:`SITES`) is rotated online."""
+        return SITES[site][0] in self.online_projections
+
     def quant_config(self) -> RosaqQuantConfig:
         """The checkpoint's ``quantization_config`` (validates the options)."""
         if self.complement not in COMPLEMENTS:
@@ -133,7 +142,7 @@ class QuantizeOptions:
             salient_fraction=float(self.salient) if is_fraction else None,
             rotation=self.rotation,
             rotation_block_size=self.block_size,
-            online_rotation=ONLINE_ROTATION.get(self.rotation, ()) if self.online_rotation else (),
+            online_rotation=self.online_projections,
         )
 
 
@@ -188,12 +197,10 @@ class StreamingAdapter(DecoderAdapter):
 
 def _stat_block(opts: QuantizeOptions, site: str, dim: int, head_dim: int) -> int:
     """Block size of the second moment recorded at a site (1: diagonal only, dim: full)."""
-    if opts.rotation == "per-layer":
+    if opts.rotates_online(site):
         return opts.block_size or dim
     if opts.rotation == "absorbed" and site == "attn_out":
         return head_dim
-    if opts.rotation == "absorbed" and site == "mlp_out" and opts.online_rotation:
-        return opts.block_size or dim
     return 1
 
 
@@ -360,7 +367,7 @@ def rotate_layer(
                                 head_bases, shape.num_heads)
             energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
             final_basis = block_diag(head_bases.repeat_interleave(group, dim=0))
-        elif opts.rotation == "absorbed" and site == "mlp_out" and opts.online_rotation:
+        elif opts.rotation == "absorbed" and site == "mlp_out" and opts.rotates_online(site):
             basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts, site)
             final_basis = block_diag(basis)
             rotate_input(adapter.projection(layer, "down_proj"), final_basis)
