@@ -349,7 +349,7 @@ def rotate_layer(
         keep_axis = outliers.view(-1, block)
         rot = None
         final_basis = None  # dense rotation of this site's input (None: identity), for the GPTQ Hessian
-        if opts.rotation == "per-layer":
+        if opts.rotates_online(site):  # per-layer: every site; absorbed: down_proj's input
             basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts, site)
             final_basis = block_diag(basis)
             for name in projections:
@@ -367,11 +367,6 @@ def rotate_layer(
                                 head_bases, shape.num_heads)
             energy = rotated_energy(moment, head_bases.repeat_interleave(group, dim=0))
             final_basis = block_diag(head_bases.repeat_interleave(group, dim=0))
-        elif opts.rotation == "absorbed" and site == "mlp_out" and opts.rotates_online(site):
-            basis = incoherent_complement(pca_basis(moment, opts.damping, keep_axis), moment, outliers, opts, site)
-            final_basis = block_diag(basis)
-            rotate_input(adapter.projection(layer, "down_proj"), final_basis)
-            rot, energy = basis, rotated_energy(moment, basis)
         else:
             energy = torch.diagonal(moment, dim1=-2, dim2=-1).reshape(-1)
         energy = salient_priority(energy, outliers)
