@@ -3,14 +3,15 @@
 Steps (each fits in one 10-minute GPU command; results accumulate in ``--out``):
 
     python benchmarks/bench_e2e.py build    --out OUT [--shape llama2-7b|llama3-8b] [--num-layers N]
-    python benchmarks/bench_e2e.py quantize --out OUT --bits 4 [--device cuda]      # and --bits 3
-    python benchmarks/bench_e2e.py offline  --out OUT --configs fp16 [--batches 1 16 64 256] [--tp 1]
+    python benchmarks/bench_e2e.py quantize --out OUT --bits 4 [--device cuda] [--no-online-rotation]  # and --bits 3
+    python benchmarks/bench_e2e.py offline  --out OUT --configs fp16 [--batches 1 16 64 256] [--repeats 3] [--tp 1]
     python benchmarks/bench_e2e.py online   --out OUT --config rosaq-w4 [--requests 64]
     python benchmarks/bench_e2e.py report   --out OUT
 
 Configs: ``fp16``, ``awq`` (vLLM's default kernel, Machete on H100), ``awq-marlin``
 (``VLLM_DISABLED_KERNELS=MacheteLinearKernel``), ``rosaq-w4``, ``rosaq-w4-triton`` (the same checkpoint with
-``ROSAQ_MACHETE=0``: the fused Triton kernel at every M), ``rosaq-w3``. fp16 and AWQ use
+``ROSAQ_MACHETE=0``: the fused Triton kernel at every M), ``rosaq-w4-norot`` (made by ``quantize --bits 4
+--no-online-rotation``: down_proj keeps its original basis, no rotation launch), ``rosaq-w3``. fp16 and AWQ use
 ``load_format="dummy"`` (random weights; fine for timing); ROSAQ serves the checkpoints made by ``quantize``.
 Every config runs in a fresh subprocess. Prompts are random token ids (the tokenizer is a tiny offline one).
 """
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -62,7 +64,7 @@ SHAPES = {
         "rope_theta": 10000.0,
     },
 }
-CONFIGS = ("fp16", "awq", "awq-marlin", "rosaq-w4", "rosaq-w4-triton", "rosaq-w3")
+CONFIGS = ("fp16", "awq", "awq-marlin", "rosaq-w4", "rosaq-w4-triton", "rosaq-w4-norot", "rosaq-w3")
 AWQ_QCFG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 PROMPT_LEN, GEN_LEN = 128, 256
 
@@ -161,17 +163,19 @@ def _dummy_dir(out: Path, qcfg: dict | None) -> Path:
 
 
 def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, salient: float,
-             extra_args: tuple[str, ...] = ()) -> dict:
+             extra_args: tuple[str, ...] = (), online_rotation: bool = True) -> dict:
     """ROSAQ checkpoint of ``out/model`` via the CLI (subprocess); records wall time and peak device memory.
 
-    ``extra_args``: more ``rosaq-quantize`` flags (e.g. ``--gptq --act-order --sequential``).
+    Written to ``out/rosaq-w{bits}``, or ``out/rosaq-w{bits}-norot`` without the online rotation
+    (``--no-online-rotation``). ``extra_args``: more ``rosaq-quantize`` flags (e.g. ``--gptq --act-order``).
     """
+    name = f"rosaq-w{bits}" + ("" if online_rotation else "-norot")
     from tests.tiny_models import calibration_corpus
 
     calib = out / "calibration.txt"
     text = calibration_corpus(n_sentences=max(1000, num_samples * seq_len // 8))
     calib.write_text(text)
-    ckpt = out / f"rosaq-w{bits}"
+    ckpt = out / name
     cmd = [
         sys.executable,
         "-m",
@@ -196,6 +200,7 @@ def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, 
         device,
         "--overwrite",
         *extra_args,
+        *(() if online_rotation else ("--no-online-rotation",)),
     ]
     print("+", shlex.join(cmd), flush=True)
     start = time.perf_counter()
@@ -207,7 +212,7 @@ def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, 
     if "bytes, torch.cuda.max_memory_allocated" in report:
         peak = int(report.split("(")[1].split(" bytes")[0])
     result = {
-        "config": f"rosaq-w{bits}",
+        "config": name,
         "quantize_s": round(elapsed, 1),
         "peak_device_bytes": peak,
         "device": device,
@@ -218,7 +223,7 @@ def quantize(out: Path, bits: int, device: str, num_samples: int, seq_len: int, 
         "cli": report,
     }
     (out / "results").mkdir(exist_ok=True)
-    (out / "results" / f"quantize-w{bits}.json").write_text(json.dumps(result, indent=2))
+    (out / "results" / f"quantize-{name.removeprefix('rosaq-')}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -282,11 +287,20 @@ def worker(args: argparse.Namespace) -> None:
         llm.generate(
             prompts[: min(bs, 4)], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False
         )  # warm-up
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        dt = time.perf_counter() - t
+        seconds = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            seconds.append(time.perf_counter() - t)
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        row = {"batch": bs, "gen_tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1)}
+        dt = statistics.median(seconds)
+        row = {
+            "batch": bs,
+            "gen_tokens": n,
+            "seconds": round(dt, 3),
+            "tok_per_s": round(n / dt, 1),
+            "tok_per_s_samples": [round(n / s, 1) for s in seconds],
+        }
         print("RESULT", json.dumps(row), flush=True)
         rows.append(row)
     Path(args.result).write_text(
@@ -328,6 +342,8 @@ def offline(args: argparse.Namespace) -> None:
             str(result),
             "--gen-len",
             str(args.gen_len),
+            "--repeats",
+            str(args.repeats),
             "--batches",
             *map(str, args.batches),
         ]
@@ -480,7 +496,7 @@ def report(args: argparse.Namespace) -> str:
             "",
             f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, vLLM {meta['vllm']}; "
             f"{PROMPT_LEN} prompt + {meta['rows'][0]['gen_tokens'] // max(meta['rows'][0]['batch'], 1)} "
-            "generated tokens, greedy, ignore_eos; generated tok/s (wall time of llm.generate after warm-up).",
+            "generated tokens, greedy, ignore_eos; generated tok/s (median wall time of llm.generate after warm-up).",
             "",
         ]
     header = "| config | TP | " + " | ".join(f"bs {b}" for b in batches) + " |"
@@ -557,12 +573,15 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--num-samples", type=int, default=16)
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--salient", type=float, default=0.01)
+    q.add_argument("--no-online-rotation", action="store_true",
+                   help="quantize without down_proj's online rotation, into rosaq-w{bits}-norot")
     q.add_argument("--quantizer-args", default="--no-gptq --no-sequential",
                    help="more rosaq-quantize flags (default: round to nearest, which is 10x faster to quantize and "
                    "serves at the same speed; '' for the CLI's GPTQ default)")
     o = sub.add_parser("offline", parents=[common, engine])
     o.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     o.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    o.add_argument("--repeats", type=int, default=3, help="timed generates per batch size (the median is reported)")
     n = sub.add_parser("online", parents=[common, engine])
     n.add_argument("--config", choices=CONFIGS, default="rosaq-w4")
     n.add_argument("--requests", type=int, default=64)
@@ -572,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--config", "--engine", "--env", "--result"):
         w.add_argument(flag, required=True)
     w.add_argument("--gen-len", type=int, default=GEN_LEN)
+    w.add_argument("--repeats", type=int, default=3)
     w.add_argument("--batches", type=int, nargs="+", required=True)
     args = parser.parse_args(argv)
     if str(REPO) not in sys.path:
@@ -581,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.step == "quantize":
         for bits in args.bits:
             result = quantize(args.out, bits, args.device, args.num_samples, args.seq_len, args.salient,
-                              tuple(shlex.split(args.quantizer_args)))
+                              tuple(shlex.split(args.quantizer_args)), online_rotation=not args.no_online_rotation)
             print(json.dumps(result))
     elif args.step == "offline":
         offline(args)

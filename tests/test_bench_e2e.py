@@ -30,7 +30,13 @@ def test_build_and_quantize_tiny(tmp_path: Path) -> None:
         assert result["peak_device_bytes"] is None and result["quantize_s"] > 0
         cfg = validate_checkpoint(out / f"rosaq-w{bits}", check_values=True)
         assert cfg.bits == bits and cfg.group_size == 128
-    assert sorted(p.name for p in (out / "results").glob("quantize-*.json")) == ["quantize-w3.json", "quantize-w4.json"]
+    assert bench_e2e.quantize(out, 4, "cpu", num_samples=4, seq_len=64, salient=16, online_rotation=False)
+    assert validate_checkpoint(out / "rosaq-w4", check_values=True).online_rotation == ("down_proj",)
+    assert validate_checkpoint(out / "rosaq-w4-norot", check_values=True).online_rotation == ()
+    kwargs, env = bench_e2e._engine_args(out, "rosaq-w4-norot", 1, 512, 0.5, False)
+    assert kwargs["model"] == str(out / "rosaq-w4-norot") and env == {}
+    assert sorted(p.name for p in (out / "results").glob("quantize-*.json")) == [
+        "quantize-w3.json", "quantize-w4-norot.json", "quantize-w4.json"]
 
 
 def test_profile_decode_per_step_and_categories(tmp_path: Path) -> None:
