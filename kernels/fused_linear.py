@@ -28,9 +28,11 @@ Structure (in the style of Triton's matmul tutorial):
 
   - ``BLOCK_M >= 16`` (tensor cores): compiled, the slice's codes come out two per instruction as in Marlin
     (``_magic_slice``: inline PTX, ``prmt`` gathers the two bytes holding slice ``j`` of two words into the
-    two halves of a register, ``shr`` aligns the code and ``lop3`` masks it and ors in the "magic number":
-    fp16 bits ``0x6400 | code`` are ``1024 + code``, bf16 ``0x4300 | code`` are ``128 + code``), so
-    ``code - zero`` is one exact packed subtraction. Either that operand is scaled (rounded once to the
+    two halves of a register, ``lop3`` masks the code and ors in the "magic number": fp16 bits
+    ``0x6400 | code`` are ``1024 + code``, bf16 ``0x4300 | code`` are ``128 + code``), so ``code - zero`` is one
+    exact packed subtraction. Where the code lies higher in its half and still fits the mantissa, it stays there
+    (``kept_shift``: ``1024 + code · 2^k``) and the subtraction becomes one exact multiply-add by ``2^-k``;
+    elsewhere a ``shr`` aligns it first. Either that operand is scaled (rounded once to the
     activation dtype) and multiplied into one fp32 accumulator, or (``LATE_SCALE``) each group's exact partial
     product is multiplied by its scales in fp32 (loaded a group ahead: Triton pipelines only loads that feed a
     product, and these scales meet the accumulator); for INT4 a group's even and odd slices go into two partial
@@ -108,8 +110,9 @@ def _codes_slice(words, j: tl.constexpr, BITS: tl.constexpr):
 
 # Packed-pair extraction (PTX, two codes per instruction as in Marlin). With pack = 2 every operand comes as two
 # registers, one per element: ``$1``/``$2`` the two words, then ``pair_operands`` (selector ``$3``, shift ``$5``),
-# the code mask ``$7`` and the magic ``$9``. ``$0`` holds the two elements' ``magic | code`` as fp16x2 / bf16x2.
-# The constants reach ptxas as immediates.
+# the code mask ``$7`` and the magic ``$9``. ``$0`` holds the two elements' ``magic | code << kept`` as fp16x2 /
+# bf16x2 (``kept_shift``). The constants reach ptxas as immediates; a shift by 0 and the ``prmt`` of the slices that
+# share a byte pair are left to ptxas, which drops the one and computes the other once.
 _PAIR_ASM = tl.constexpr("""{
 .reg .b32 t;
 prmt.b32 t, $1, $2, $3;
@@ -132,6 +135,34 @@ def pair_operands(bits, j):
     return (b | (b1 << 4) | ((4 + b) << 8) | ((4 + b1) << 12), bits * j - 8 * b)
 
 
+#: Mantissa bits of the magic-number operands, by activation kind (fp16, bf16).
+_MANTISSA_BITS = (10, 7)
+
+
+@triton.constexpr_function
+def kept_shift(bits, j, act, compiled, keep=True):
+    """Bit offset ``k`` at which slice ``j``'s code is left in each half by the pair extraction (``_PAIR_ASM``).
+
+    After ``prmt`` the code sits ``pair_operands(bits, j)[1]`` bits up in its half. Where the code still fits in
+    the magic number's mantissa there (fp16: 10 bits, bf16: 7), it stays: ``magic | code << k`` is exactly
+    ``magic + code · 2^k``, ``_code_minus_zero`` undoes the ``2^k`` in its one multiply-add, and the ``shr`` is
+    saved (fp16: INT4's odd slices, 8 of INT3's 10). Otherwise, with ``keep`` false, and outside the compiled
+    fp16 / bf16 path ``k = 0``: the code is shifted down to bit 0 first.
+    """
+    shift = bits * j - 8 * min(bits * j // 8, 3)
+    if not keep or (not compiled and act != 0):  # the interpreter's bf16 and fp32 operands are the integer codes
+        return 0
+    if act > 1 or shift + bits > _MANTISSA_BITS[act]:
+        return 0
+    return shift
+
+
+@triton.constexpr_function
+def _pow2(e):
+    """``2^e`` as a Python float (a constexpr operand)."""
+    return 2.0**e
+
+
 @triton.jit
 def _imm(like, value: tl.constexpr):
     """A constant operand of the inline PTX (folded to an immediate by ptxas)."""
@@ -139,28 +170,30 @@ def _imm(like, value: tl.constexpr):
 
 
 @triton.jit
-def _magic_slice(words, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr):
-    """``magic + code`` of slice ``j`` (see ``_codes_slice``) in the activation dtype, exact.
+def _magic_slice(words, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr,
+                 KEEP: tl.constexpr):
+    """``magic + code · 2^k`` of slice ``j`` (see ``_codes_slice``; ``k = kept_shift``) in the activation dtype, exact.
 
     fp16 bits ``0x6400 | c`` are ``1024 + c``; bf16 bits ``0x4300 | c`` are ``128 + c``. Compiled, two codes
     per instruction (PTX ``prmt`` gathers the bytes holding slice ``j`` of two words into the two halves of
-    one register, ``shr`` and ``lop3`` align, mask and add the magic: fp16x2 ready); under the interpreter
-    the same values through ``_codes_slice``. fp32 activations: the codes themselves (int32).
+    one register, ``shr`` (where ``k`` is 0) and ``lop3`` align, mask and add the magic: fp16x2 ready); under the
+    interpreter the same values through ``_codes_slice``. fp32 activations: the codes themselves (int32).
     """
+    KEPT: tl.constexpr = kept_shift(BITS, j, ACT, COMPILED, KEEP)
     if ACT == 2 or (ACT == 1 and not COMPILED):
         out = _codes_slice(words, j, BITS)
     elif not COMPILED:
-        out = (_codes_slice(words, j, BITS) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        out = ((_codes_slice(words, j, BITS) << KEPT) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
     else:
         if ACT == 0:
             magic: tl.constexpr = 0x64006400
         else:
             magic: tl.constexpr = 0x43004300
-        mask: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
+        mask: tl.constexpr = (((1 << BITS) - 1) << KEPT) * 0x00010001
         out = tl.inline_asm_elementwise(
             _PAIR_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
             [
-                words, _imm(words, pair_operands(BITS, j)[0]), _imm(words, pair_operands(BITS, j)[1]),
+                words, _imm(words, pair_operands(BITS, j)[0]), _imm(words, pair_operands(BITS, j)[1] - KEPT),
                 _imm(words, mask), _imm(words, magic),
             ],
             dtype=tl.float16, is_pure=True, pack=2,
@@ -171,16 +204,26 @@ def _magic_slice(words, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _code_minus_zero(magic_codes, zero, ACT: tl.constexpr, COMPILED: tl.constexpr):
+def _code_minus_zero(magic_codes, zero, KEPT: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr):
     """``code - zero`` (exact) as a tensor-core operand, from ``_magic_slice`` (``zero`` broadcast).
 
-    ``(magic + code) - (magic + zero)`` is exact in fp16 / bf16; fp32 (and bf16 under Triton's interpreter,
-    which gets bf16 arithmetic and dots wrong) subtracts the integer codes.
+    ``(magic + code) - (magic + zero)`` is exact in fp16 / bf16; with the code left ``KEPT`` bits up
+    (``kept_shift``), ``(magic + code · 2^k) · 2^-k - (magic · 2^-k + zero)`` is one exact multiply-add (every
+    intermediate is a small integer times a power of two). fp32 (and bf16 under Triton's interpreter, which gets
+    bf16 arithmetic and dots wrong) subtracts the integer codes.
     """
-    if ACT == 0:
-        return magic_codes - (zero + 1024).to(tl.float16)
-    elif ACT == 1 and COMPILED:
-        return magic_codes - (zero + 128).to(tl.bfloat16)
+    if ACT == 0 or (ACT == 1 and COMPILED):
+        if ACT == 0:
+            dtype: tl.constexpr = tl.float16
+            magic: tl.constexpr = 1024
+        else:
+            dtype: tl.constexpr = tl.bfloat16
+            magic: tl.constexpr = 128
+        magic_zero = (zero + magic).to(dtype)  # one conversion per group, shared by its slices
+        if KEPT == 0:
+            return magic_codes - magic_zero
+        unit = tl.full(magic_codes.shape, _pow2(-KEPT), dtype)
+        return tl.fma(magic_codes, unit, (magic - (magic >> KEPT)) - magic_zero)
     else:
         return (magic_codes - zero).to(tl.float32)
 
@@ -289,6 +332,11 @@ def _rosaq_linear_kernel(
     # registers, 4 programs per SM, enough for every M <= 16 grid); INT3 (128 -> 168 registers, 3 programs per SM)
     # lost 2.7 % at M = 1, so it keeps one chain (BENCHMARKS.md, 2026-12-06).
     TWO_CHAINS: tl.constexpr = BITS == 4 and LATE_SCALE and SPG % 2 == 0
+    # Codes left up in their halves (kept_shift) save a shift per pair: fp16 sm_90a SASS of the K loop, W4 M <= 16
+    # 442 -> 410 instructions per K tile at 128 registers, W3 M = 32 / 128 852 / 837 -> 798 / 783 at 96. INT3's
+    # late-scaled tiles hold eight zero-point offsets per group then (128 -> 148 registers, 4 -> 3 programs per SM,
+    # too few slots for o_proj's grid): they shift (BENCHMARKS.md, 2026-12-08).
+    KEEP_SHIFTS: tl.constexpr = not (BITS == 3 and LATE_SCALE)
     rows = tl.arange(0, SL)
 
     if BLOCK_M == 1:
@@ -343,8 +391,9 @@ def _rosaq_linear_kernel(
             else:
                 # Tensor cores: x' · deq(W)ᵀ as [BLOCK_M, BLOCK_N] tiles, or (SWAP) deq(W) · x'ᵀ as
                 # [BLOCK_N, BLOCK_M] tiles, which lets the weights be the register operand of Hopper's wgmma.
-                magic = _magic_slice(words, j % NSL, BITS, ACT, COMPILED)
-                w = _code_minus_zero(magic, zero[None, :], ACT, COMPILED)
+                magic = _magic_slice(words, j % NSL, BITS, ACT, COMPILED, KEEP_SHIFTS)
+                w = _code_minus_zero(magic, zero[None, :], kept_shift(BITS, j % NSL, ACT, COMPILED, KEEP_SHIFTS),
+                                     ACT, COMPILED)
                 if not LATE_SCALE:  # scale the operand (rounded once to its dtype, as in Marlin)
                     w = w * scale[None, :].to(w.dtype)
                 elif j % SPG == 0:  # scale the group's exact partial product, once per group
@@ -476,7 +525,8 @@ def _dequantize_kernel(
         k0 = kt * SL * NSL + j * SL
         scale = _load_scales(sc_cols, k0, K, mask_n, stride_sg, GROUP_SIZE)
         zero = _load_zeros(zp_cols, k0, K, mask_n, stride_zg, GROUP_SIZE)
-        cz = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED), zero[None, :], ACT, COMPILED)
+        cz = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED, True), zero[None, :],
+                              kept_shift(BITS, j, ACT, COMPILED), ACT, COMPILED)
         w = cz.to(tl.float32) * scale.to(tl.float32)[None, :]
         tl.store(
             out_ptr + (k0 + rows)[:, None] * stride_ok + offs_n[None, :] * stride_on,
