@@ -77,3 +77,44 @@ def test_profile_decode_per_step_and_categories(tmp_path: Path) -> None:
     assert "| Marlin | 5 (3 launches) | – |" in text
     assert "| wall per step, µs (median) | 1250 | 1250 |" in text
     assert "| wall minus kernels, µs | 1245 | 1242 |" in text
+
+
+def test_worker_reports_the_median_of_repeated_generates(tmp_path: Path, monkeypatch) -> None:
+    """The offline worker times ``--repeats`` generates per batch and reports their median (an engine stand-in whose
+    generates take known, different times; no vLLM engine)."""
+    import types
+
+    import rosaq_vllm
+
+    durations = iter([0.5, 2.0, 1.0, 4.0, 0.25, 3.0])  # three timed generates per batch size (warm-ups take none)
+    clock = {"t": 0.0}
+
+    class FakeLLM:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs = kwargs
+
+        def generate(self, prompts, params, use_tqdm=False):
+            if params.max_tokens > 8:  # a timed generate: advance the clock by its duration
+                clock["t"] += next(durations)
+            tokens = list(range(params.max_tokens))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=tokens)]) for _ in prompts]
+
+    class FakeParams:
+        def __init__(self, max_tokens: int, **kwargs) -> None:
+            self.max_tokens = max_tokens
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeParams,
+                                                                   __version__="fake"))
+    monkeypatch.setattr(rosaq_vllm, "register", lambda: None)
+    monkeypatch.setattr(bench_e2e.time, "perf_counter", lambda: clock["t"])
+    result = tmp_path / "offline.json"
+    bench_e2e.main(["_worker", "--config", "rosaq-w4-norot", "--engine", json.dumps({"model": str(model)}),
+                    "--env", "{}", "--result", str(result), "--gen-len", "10", "--repeats", "3",
+                    "--batches", "1", "4"])
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["batch"], r["gen_tokens"], r["seconds"], r["tok_per_s"]) for r in rows] == [
+        (1, 10, 1.0, 10.0), (4, 40, 3.0, 13.3)]
+    assert [r["tok_per_s_samples"] for r in rows] == [[20.0, 5.0, 10.0], [10.0, 160.0, 13.3]]
