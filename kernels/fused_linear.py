@@ -149,7 +149,7 @@ def kept_shift(bits, j, act, compiled, keep=True):
     saved (fp16: INT4's odd slices, 8 of INT3's 10). Otherwise, with ``keep`` false, and outside the compiled
     fp16 / bf16 path ``k = 0``: the code is shifted down to bit 0 first.
     """
-    shift = bits * j - 8 * min(bits * j // 8, 3)
+    shift = pair_operands(bits, j)[1]
     if not keep or (not compiled and act != 0):  # the interpreter's bf16 and fp32 operands are the integer codes
         return 0
     if act > 1 or shift + bits > _MANTISSA_BITS[act]:
@@ -171,15 +171,15 @@ def _imm(like, value: tl.constexpr):
 
 @triton.jit
 def _magic_slice(words, j: tl.constexpr, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr,
-                 KEEP: tl.constexpr):
-    """``magic + code · 2^k`` of slice ``j`` (see ``_codes_slice``; ``k = kept_shift``) in the activation dtype, exact.
+                 KEPT: tl.constexpr):
+    """``magic + code · 2^k`` of slice ``j`` (see ``_codes_slice``; ``k = KEPT``, ``kept_shift``) in the activation
+    dtype, exact.
 
     fp16 bits ``0x6400 | c`` are ``1024 + c``; bf16 bits ``0x4300 | c`` are ``128 + c``. Compiled, two codes
     per instruction (PTX ``prmt`` gathers the bytes holding slice ``j`` of two words into the two halves of
     one register, ``shr`` (where ``k`` is 0) and ``lop3`` align, mask and add the magic: fp16x2 ready); under the
     interpreter the same values through ``_codes_slice``. fp32 activations: the codes themselves (int32).
     """
-    KEPT: tl.constexpr = kept_shift(BITS, j, ACT, COMPILED, KEEP)
     if ACT == 2 or (ACT == 1 and not COMPILED):
         out = _codes_slice(words, j, BITS)
     elif not COMPILED:
@@ -226,6 +226,15 @@ def _code_minus_zero(magic_codes, zero, KEPT: tl.constexpr, ACT: tl.constexpr, C
         return tl.fma(magic_codes, unit, (magic - (magic >> KEPT)) - magic_zero)
     else:
         return (magic_codes - zero).to(tl.float32)
+
+
+@triton.jit
+def _slice_minus_zero(words, j: tl.constexpr, zero, BITS: tl.constexpr, ACT: tl.constexpr, COMPILED: tl.constexpr,
+                      KEEP: tl.constexpr):
+    """``code - zero`` of slice ``j`` (exact, ``_code_minus_zero``'s dtype): ``_magic_slice`` then
+    ``_code_minus_zero`` with the slice's ``kept_shift`` (``KEEP`` false: every code shifted to bit 0)."""
+    KEPT: tl.constexpr = kept_shift(BITS, j, ACT, COMPILED, KEEP)
+    return _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED, KEPT), zero, KEPT, ACT, COMPILED)
 
 
 @triton.jit
@@ -391,9 +400,7 @@ def _rosaq_linear_kernel(
             else:
                 # Tensor cores: x' · deq(W)ᵀ as [BLOCK_M, BLOCK_N] tiles, or (SWAP) deq(W) · x'ᵀ as
                 # [BLOCK_N, BLOCK_M] tiles, which lets the weights be the register operand of Hopper's wgmma.
-                magic = _magic_slice(words, j % NSL, BITS, ACT, COMPILED, KEEP_SHIFTS)
-                w = _code_minus_zero(magic, zero[None, :], kept_shift(BITS, j % NSL, ACT, COMPILED, KEEP_SHIFTS),
-                                     ACT, COMPILED)
+                w = _slice_minus_zero(words, j % NSL, zero[None, :], BITS, ACT, COMPILED, KEEP_SHIFTS)
                 if not LATE_SCALE:  # scale the operand (rounded once to its dtype, as in Marlin)
                     w = w * scale[None, :].to(w.dtype)
                 elif j % SPG == 0:  # scale the group's exact partial product, once per group
@@ -525,8 +532,7 @@ def _dequantize_kernel(
         k0 = kt * SL * NSL + j * SL
         scale = _load_scales(sc_cols, k0, K, mask_n, stride_sg, GROUP_SIZE)
         zero = _load_zeros(zp_cols, k0, K, mask_n, stride_zg, GROUP_SIZE)
-        cz = _code_minus_zero(_magic_slice(words, j, BITS, ACT, COMPILED, True), zero[None, :],
-                              kept_shift(BITS, j, ACT, COMPILED), ACT, COMPILED)
+        cz = _slice_minus_zero(words, j, zero[None, :], BITS, ACT, COMPILED, True)
         w = cz.to(tl.float32) * scale.to(tl.float32)[None, :]
         tl.store(
             out_ptr + (k0 + rows)[:, None] * stride_ok + offs_n[None, :] * stride_on,
